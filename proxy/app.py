@@ -1,0 +1,176 @@
+"""The HTTP edge: ``create_app(config)`` builds the aiohttp application, its routes and everything long-lived
+(store writer, OpenTelemetry exporter, upstream client session), each owned by a cleanup context that starts it
+and, on shutdown, closes it: in-flight calls finish first, then the client session closes, then the store
+writes what is queued, then the exporter drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy import protocol
+from proxy.config import Config
+from proxy.errors import HTTPError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized, UpstreamError
+from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
+from proxy.telemetry import Exporter, TraceIds
+from proxy.upstream import Upstream, client_session, response_headers
+from store.spans import SPAN_COLUMNS, Span
+from store.writer import Record, Writer
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+WRITER = web.AppKey("writer", Writer)
+EXPORTER = web.AppKey("exporter", Exporter)
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Paths answered without a client API key.
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
+    app[CONFIG] = config
+    if config.otlp_endpoint:
+        app.cleanup_ctx.append(exporter_ctx)
+    app.cleanup_ctx.append(writer_ctx)
+    app.cleanup_ctx.append(upstream_ctx)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# -- long-lived parts ---------------------------------------------------------------------------------------
+
+
+async def exporter_ctx(app: web.Application) -> AsyncIterator[None]:
+    exporter = Exporter(app[CONFIG].otlp_endpoint or "")
+    app[EXPORTER] = exporter
+    yield
+    await asyncio.to_thread(exporter.shutdown)
+
+
+async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    exporter = app.get(EXPORTER)
+
+    def export(records: list[Record]) -> None:
+        assert exporter is not None
+        exporter.export([r.span for r in records if isinstance(r, Call) and isinstance(r.span, Span)])
+
+    writer = Writer(
+        config.db,
+        columns={"spans": SPAN_COLUMNS},
+        max_pending=config.max_pending_spans,
+        on_commit=export if exporter else None,
+    )
+    writer.open()
+    app[WRITER] = writer
+    yield
+    await writer.close()
+    log.info("store closed: %d spans written", writer.written)
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.upstream is None:
+        raise SystemExit("lightwire serve needs --upstream URL (an OpenAI-compatible base URL)")
+    async for session in client_session(config):
+        app[UPSTREAM] = Upstream(
+            config.upstream,
+            session,
+            api_key=config.upstream_api_key,
+            capture_tokens=config.capture_tokens,
+            forward_client_auth=not config.api_keys,
+        )
+        yield
+
+
+# -- middlewares --------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape, so that SDK clients show its message."""
+    try:
+        return await handler(request)
+    except HTTPError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_mb
+        return PayloadTooLarge(f"The request body is larger than the {limit:g} MiB limit.").response()
+    except web.HTTPNotFound:
+        return NotFound(f"Unknown path {request.path}.").response()
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return InvalidRequest(f"{request.method} is not allowed on {request.path}; use {allowed}.").response()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = request.app[CONFIG].api_keys
+    if keys and request.path not in PUBLIC_PATHS:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if not any(hmac.compare_digest(given, key.encode()) for key in keys):
+            raise Unauthorized("Incorrect or missing API key for this Lightwire proxy.")
+    return await handler(request)
+
+
+# -- routes -------------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await model_call(request, protocol.CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await model_call(request, protocol.TEXT_COMPLETION)
+
+
+async def model_call(request: web.Request, operation: str) -> web.StreamResponse:
+    """Validate, reserve a place in the store, forward, and record exactly one span whatever happens."""
+    raw = await request.read()
+    body = protocol.parse_request(operation, raw)
+    writer = request.app[WRITER]
+    upstream = request.app[UPSTREAM]
+    await writer.reserve()
+    call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), upstream.provider)
+    try:
+        return await forward(request, call, upstream, request.app[CONFIG])
+    except HTTPError as exc:
+        call.fail(exc.status, exc.code or exc.type, exc.message)
+        exc.headers[SPAN_HEADER] = call.ids.span_id
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        call.fail(CLIENT_GONE, "client_disconnected", "The client closed the connection.")
+        raise
+    finally:
+        call.end()
+        writer.submit(call)
+
+
+async def models(request: web.Request) -> web.Response:
+    upstream = request.app[UPSTREAM]
+    headers = upstream.headers(request.headers, traceparent=TraceIds.new(None).traceparent)
+    try:
+        async with upstream.session.get(upstream.url("/models"), headers=headers) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, headers=response_headers(resp.headers))
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Could not reach the upstream: {exc}.") from None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    writer = request.app[WRITER]
+    body: dict[str, Any] = {"status": "ok", "spans_written": writer.written, "spans_pending": writer.pending}
+    return web.json_response(body)

@@ -1,0 +1,46 @@
+"""The ``lightwire`` command: parses its arguments and calls into the package; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from proxy import config as settings
+from proxy.errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightwire", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Run the proxy: forward model calls and record them.")
+    settings.add_arguments(serve)
+    args = parser.parse_args(argv)
+    try:
+        config = settings.load(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command == "serve":
+        serve_forever(config)
+
+
+def serve_forever(config: settings.Config) -> None:
+    from proxy.app import create_app
+
+    log = logging.getLogger("lightwire")
+    log.info("settings: %s", config.redacted())
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        shutdown_timeout=config.shutdown_timeout,
+        handler_cancellation=True,
+        access_log=log.getChild("access") if config.log_level == "debug" else None,
+        print=lambda message: log.info(message.strip()),
+    )

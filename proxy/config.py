@@ -1,0 +1,157 @@
+"""One typed, frozen configuration object per process.
+
+Every setting is a field of :class:`Config` with a one-line help text. Values come from, in rising order of
+precedence: the defaults below, an optional TOML file (``--config FILE``), ``LIGHTWIRE_<NAME>`` environment
+variables, and command-line flags. The README's configuration table lists every field; a test fails when it
+misses one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "LIGHTWIRE_"
+
+
+def setting(default: Any, help: str, *, secret: bool = False, flag: str | None = None) -> Any:
+    """A config field with its help line; ``secret`` values are never logged or stored."""
+    metadata = {"help": help, "secret": secret, "flag": flag}
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    # Serving
+    host: str = setting("127.0.0.1", "Address the proxy listens on.")
+    port: int = setting(8400, "Port the proxy listens on.")
+    upstream: str | None = setting(None, "OpenAI-compatible base URL to forward to, e.g. http://127.0.0.1:8000/v1.")
+    upstream_api_key: str | None = setting(
+        None, "Bearer token sent to the upstream; default: the client's own Authorization header.", secret=True
+    )
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "Client API key the proxy accepts (repeatable); none set = no client auth.",
+        secret=True,
+        flag="--api-key",
+    )
+    capture_tokens: str = setting(
+        "auto",
+        "Ask the backend for token ids and logprobs: auto (when it is vLLM), always or never.",
+    )
+    max_body_mb: float = setting(32.0, "Largest request body accepted, in MiB (larger: 413).")
+    # Upstream timeouts, seconds
+    connect_timeout: float = setting(10.0, "Seconds to open a connection to the upstream.")
+    first_byte_timeout: float = setting(600.0, "Seconds to wait for the upstream's response headers.")
+    chunk_timeout: float = setting(120.0, "Seconds allowed between two chunks of an upstream body.")
+    upstream_connections: int = setting(256, "Most pooled connections to the upstream.")
+    shutdown_timeout: float = setting(30.0, "Seconds in-flight calls get to finish on SIGTERM.")
+    # Store
+    db: Path = setting(Path("lightwire.duckdb"), "DuckDB file holding spans and feedback.")
+    max_pending_spans: int = setting(
+        10_000, "Spans that may wait for the store; past this new calls wait (backpressure)."
+    )
+    # Telemetry
+    otlp_endpoint: str | None = setting(
+        None, "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces) to export spans to."
+    )
+    log_level: str = setting("info", "Log level: debug, info, warning or error.")
+
+    def __post_init__(self) -> None:
+        if self.capture_tokens not in {"auto", "always", "never"}:
+            raise ConfigError(f"capture_tokens must be auto, always or never, not {self.capture_tokens!r}")
+        if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:
+            raise ConfigError("max_body_mb, max_pending_spans and upstream_connections must be positive")
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream must be an http(s) URL, not {self.upstream!r}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked: what may be logged."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata["secret"] and value else value
+        return out
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(Config)
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return ENV_PREFIX + f.name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults are left to :func:`load` so that precedence stays in one place."""
+    parser.add_argument("--config", type=Path, help="TOML file with settings (keys as in the README table).")
+    for f in fields():
+        kind = "append" if _is_tuple(f) else "store"
+        parser.add_argument(flag_name(f), dest=f.name, action=kind, default=None, help=f.metadata["help"])
+
+
+def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the config: defaults < TOML file < environment < command line < keyword overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    toml_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if toml_path:
+        with open(toml_path, "rb") as fh:
+            table = tomllib.load(fh)
+        unknown = set(table) - {f.name for f in fields()}
+        if unknown:
+            raise ConfigError(f"unknown settings in {toml_path}: {', '.join(sorted(unknown))}")
+        values.update(table)
+    for f in fields():
+        if env_name(f) in environ:
+            values[f.name] = environ[env_name(f)]
+        cli = getattr(args, f.name, None) if args is not None else None
+        if cli is not None:
+            values[f.name] = cli
+    values.update(overrides)
+    return Config(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def _is_tuple(f: dataclasses.Field[Any]) -> bool:
+    return isinstance(f.default, tuple)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = next(f for f in fields() if f.name == name)
+    kind: type = type(f.default) if f.default is not None else str
+    try:
+        if _is_tuple(f):
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if kind is bool and isinstance(value, str):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(value, str) and value == "" and f.default is None:
+            return None
+        return value if isinstance(value, kind) else kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+def from_sequence(argv: Sequence[str]) -> Config:
+    """Parse ``serve``-style flags alone: handy for tests and embedding."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load(parser.parse_args(list(argv)))

@@ -1,0 +1,100 @@
+"""Lightwire's exception types, and how they reach a client.
+
+::
+
+    LightwireError                      base; never raised itself
+    ├── ConfigError                     bad settings, raised at start-up
+    └── HTTPError                       turned into an OpenAI-shaped error response
+        ├── InvalidRequest        400   malformed JSON, missing fields
+        ├── Unauthorized          401   wrong or missing client API key
+        ├── NotFound              404   unknown route or target
+        ├── PayloadTooLarge       413   body over --max-body-mb
+        ├── UpstreamError         502   upstream refused the connection or broke the protocol
+        ├── BackendUnavailable    503   no backend ready (starting, restarting)
+        └── UpstreamTimeout       504   upstream did not answer in time
+
+Every error body has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so that SDK clients
+show the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+
+
+class LightwireError(Exception):
+    pass
+
+
+class ConfigError(LightwireError):
+    pass
+
+
+class HTTPError(LightwireError):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return json_response(self.body(), status=self.status, headers=self.headers)
+
+    def sse_event(self) -> bytes:
+        """The error as a final server-sent event, for failures after a stream has started."""
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+
+class InvalidRequest(HTTPError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(HTTPError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(HTTPError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(HTTPError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(HTTPError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+class BackendUnavailable(HTTPError):
+    status = 503
+    type = "server_error"
+    code = "backend_unavailable"
+
+
+class UpstreamTimeout(HTTPError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers, content_type="application/json")

@@ -1,0 +1,274 @@
+"""Forwarding one model call to its backend and recording it: the request path.
+
+A :class:`Call` follows one request from acceptance to its last byte and becomes exactly one row of ``spans``,
+whatever happens (success, upstream error, timeout, broken stream, client gone). The heavy part of building that
+row (parsing a passed-through body, reassembling a stream, reading token ids) runs in the store's writer thread,
+off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy import protocol
+from proxy.config import Config
+from proxy.errors import HTTPError, UpstreamError, UpstreamTimeout
+from proxy.protocol import NOTHING, Injected
+from proxy.telemetry import TraceIds
+from proxy.upstream import Upstream, response_headers
+from store.spans import Span
+
+log = logging.getLogger(__name__)
+
+SPAN_HEADER = "x-lightwire-span-id"
+CLIENT_GONE = 499  # nginx's code for "the client closed the request"
+PATHS = {protocol.CHAT: "/chat/completions", protocol.TEXT_COMPLETION: "/completions"}
+
+
+class StreamBroken(HTTPError):
+    """The upstream's stream ended early or sent something that is not an OpenAI chunk."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code  # type: ignore[misc]
+
+
+class Call:
+    """One model call in flight; the store writes it as one ``spans`` row (it is a store ``Record``)."""
+
+    table = "spans"
+
+    def __init__(self, operation: str, body: dict[str, Any], raw: bytes, ids: TraceIds, provider: str) -> None:
+        self.operation = operation
+        self.body = body
+        self.raw = raw
+        self.ids = ids
+        self.provider = provider
+        self.session_id: str | None = None
+        self.injected: Injected = NOTHING
+        self.started = time.perf_counter()
+        self.start_time = datetime.now(UTC)
+        self.first_chunk: float | None = None
+        self.ended: float | None = None
+        self.status: int | None = None
+        self.error_type: str | None = None
+        self.error_message: str | None = None
+        self.response_raw: bytes | None = None  # a non-streaming body, as received
+        self.chunks: list[dict[str, Any]] = []  # a stream's chunks, as received
+        self.span: Span | None = None
+
+    def fail(self, status: int | None, error_type: str, message: str) -> None:
+        if self.error_type is None:  # the first failure is the cause
+            self.status, self.error_type, self.error_message = status, error_type, message
+
+    def end(self) -> None:
+        self.ended = time.perf_counter()
+
+    def to_row(self) -> tuple[object, ...]:
+        self.span = self.to_span()
+        return self.span.to_row()
+
+    def to_span(self) -> Span:
+        response = self._response()
+        fields = protocol.extract(response) if response else protocol.ResponseFields()
+        stored = protocol.hidden_copy(response, self.injected) if response else None
+        body = self.body
+        ended = self.ended if self.ended is not None else time.perf_counter()
+        return Span(
+            span_id=self.ids.span_id,
+            trace_id=self.ids.trace_id,
+            parent_span_id=self.ids.parent_span_id,
+            session_id=self.session_id,
+            operation_name=self.operation,
+            provider_name=self.provider,
+            request_model=body.get("model"),
+            response_model=fields.response_model,
+            response_id=fields.response_id,
+            request_stream=bool(body.get("stream")),
+            request_max_tokens=_number(body.get("max_completion_tokens", body.get("max_tokens")), int),
+            request_temperature=_number(body.get("temperature"), float),
+            request_top_p=_number(body.get("top_p"), float),
+            response_finish_reasons=fields.finish_reasons,
+            usage_input_tokens=fields.input_tokens,
+            usage_output_tokens=fields.output_tokens,
+            request=self.raw.decode("utf-8", "replace"),
+            response=orjson.dumps(stored).decode() if stored is not None else None,
+            prompt_token_ids=fields.prompt_token_ids,
+            completion_token_ids=fields.completion_token_ids,
+            completion_logprobs=fields.completion_logprobs,
+            start_time=self.start_time,
+            duration_ms=(ended - self.started) * 1000,
+            time_to_first_chunk_ms=(self.first_chunk - self.started) * 1000 if self.first_chunk else None,
+            http_status=self.status,
+            error_type=self.error_type,
+            error_message=self.error_message,
+        )
+
+    def _response(self) -> dict[str, Any] | None:
+        if self.chunks:
+            return protocol.reassemble(self.operation, self.chunks)
+        if self.response_raw:
+            try:
+                parsed = orjson.loads(self.response_raw)
+            except orjson.JSONDecodeError:
+                return None
+            return parsed if isinstance(parsed, dict) and "choices" in parsed else None
+        return None
+
+
+def _number(value: Any, kind: type) -> Any:
+    return kind(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+async def forward(request: web.Request, call: Call, upstream: Upstream, config: Config) -> web.StreamResponse:
+    """Send the call upstream and relay the answer; on any outcome, ``call`` holds what happened."""
+    payload = call.raw
+    if await upstream.capture_tokens():
+        body, call.injected = protocol.ask_for_tokens(call.operation, call.body)
+        payload = orjson.dumps(body)
+    call.provider = upstream.provider
+    headers = upstream.headers(request.headers, traceparent=call.ids.traceparent)
+    headers["Content-Type"] = "application/json"
+    try:
+        async with asyncio.timeout(config.first_byte_timeout):
+            resp = await upstream.session.post(upstream.url(PATHS[call.operation]), data=payload, headers=headers)
+    except TimeoutError:
+        raise UpstreamTimeout(f"The upstream sent no response within {config.first_byte_timeout:g} s.") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Could not reach the upstream: {exc}.") from None
+    try:
+        streaming = resp.status == 200 and resp.content_type == "text/event-stream"
+        if streaming:
+            return await _relay_stream(request, call, resp, config)
+        return await _relay_body(call, resp, config)
+    finally:
+        resp.close()  # closes the connection only if the body was not read to its end
+
+
+async def _relay_body(call: Call, resp: aiohttp.ClientResponse, config: Config) -> web.Response:
+    try:
+        async with asyncio.timeout(config.chunk_timeout):
+            content = await resp.read()
+    except TimeoutError:
+        raise UpstreamTimeout(f"The upstream stalled for {config.chunk_timeout:g} s sending its body.") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream broke off its response: {exc}.") from None
+    call.status = resp.status
+    call.response_raw = content
+    if resp.status >= 400:
+        call.fail(resp.status, str(resp.status), content[:2000].decode("utf-8", "replace"))
+    elif call.injected and resp.content_type == "application/json":
+        try:
+            response = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            call.fail(resp.status, "invalid_response", "the upstream's body is not JSON")
+        else:
+            content = orjson.dumps(protocol.hide(response, call.injected))
+    headers = response_headers(resp.headers)
+    headers[SPAN_HEADER] = call.ids.span_id
+    return web.Response(body=content, status=resp.status, headers=headers)
+
+
+async def _relay_stream(
+    request: web.Request, call: Call, resp: aiohttp.ClientResponse, config: Config
+) -> web.StreamResponse:
+    headers = response_headers(resp.headers)
+    headers[SPAN_HEADER] = call.ids.span_id
+    out = web.StreamResponse(status=200, headers=headers)
+    await out.prepare(request)
+    call.status = 200
+    events = SseSplitter()
+    done = False
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(config.chunk_timeout):
+                    data = await resp.content.readany()
+            except TimeoutError:
+                raise StreamBroken(
+                    f"The upstream stalled for {config.chunk_timeout:g} s mid-stream.", "timeout"
+                ) from None
+            except aiohttp.ClientPayloadError as exc:
+                raise StreamBroken(f"The upstream broke off the stream: {exc}.", "truncated_stream") from None
+            if not data:
+                break
+            outgoing, done = _pass_events(call, events.feed(data))
+            if outgoing:
+                if call.first_chunk is None:
+                    call.first_chunk = time.perf_counter()
+                await out.write(outgoing)
+        if not done:
+            raise StreamBroken("The upstream's stream ended before [DONE].", "truncated_stream")
+    except StreamBroken as exc:
+        call.fail(call.status, exc.code or "stream_error", exc.message)
+        await out.write(exc.sse_event())
+    await out.write_eof()
+    return out
+
+
+def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool]:
+    """Record each complete event and return the bytes to send on, and whether ``[DONE]`` was seen."""
+    parts = []
+    done = False
+    for event in events:
+        data = _event_data(event)
+        if data is None:  # a comment or keep-alive
+            parts.append(event)
+            continue
+        if data == b"[DONE]":
+            done = True
+            parts.append(event)
+            continue
+        try:
+            chunk = orjson.loads(data)
+            if not isinstance(chunk, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise StreamBroken(
+                "The upstream sent a stream event that is not a JSON object.", "invalid_stream"
+            ) from None
+        if "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            call.fail(call.status, str(error.get("type") or "upstream_error"), str(error.get("message")))
+            parts.append(event)
+            continue
+        call.chunks.append(chunk)
+        if not call.injected:
+            parts.append(event)
+            continue
+        visible = protocol.hide(orjson.loads(data), call.injected)
+        if visible is not None:
+            parts.append(b"data: " + orjson.dumps(visible) + b"\n\n")
+    return b"".join(parts), done
+
+
+def _event_data(event: bytes) -> bytes | None:
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+class SseSplitter:
+    """Cuts a byte stream into complete server-sent events (each returned with its blank-line terminator)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        if b"\r" in self._buffer:
+            self._buffer = self._buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in self._buffer:
+            return []
+        *complete, self._buffer = self._buffer.split(b"\n\n")
+        return [event + b"\n\n" for event in complete if event]

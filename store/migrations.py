@@ -1,0 +1,72 @@
+"""The store's schema, as an ordered list of named migrations.
+
+Each migration runs once, in order, inside a transaction, and is recorded in ``_migrations``. Never edit a
+migration that has shipped: append a new one.
+
+Span columns follow the OpenTelemetry GenAI semantic conventions: the column is the attribute name without its
+``gen_ai.`` prefix, dots turned into underscores (``gen_ai.request.model`` -> ``request_model``);
+:data:`store.spans.OTEL_ATTRIBUTES` holds the exact mapping.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_spans",
+        """
+        CREATE TABLE spans (
+            span_id VARCHAR PRIMARY KEY,        -- OTel span id (16 hex); the x-lightwire-span-id header
+            trace_id VARCHAR NOT NULL,          -- OTel trace id (32 hex), continued from the client's traceparent
+            parent_span_id VARCHAR,             -- the client's span, when it sent a traceparent
+            session_id VARCHAR,                 -- gen_ai.conversation.id
+            operation_name VARCHAR NOT NULL,    -- chat | text_completion
+            provider_name VARCHAR NOT NULL,     -- vllm | openai (any OpenAI-compatible server) | litellm
+            request_model VARCHAR,              -- the model the client asked for
+            response_model VARCHAR,             -- the model (adapter) that actually served it
+            response_id VARCHAR,                -- the completion id the client saw
+            request_stream BOOLEAN NOT NULL,
+            request_max_tokens INTEGER,
+            request_temperature DOUBLE,
+            request_top_p DOUBLE,
+            response_finish_reasons VARCHAR[],
+            usage_input_tokens INTEGER,
+            usage_output_tokens INTEGER,
+            request JSON NOT NULL,              -- the body the client sent
+            response JSON,                      -- the body the client got; streams reassembled
+            prompt_token_ids INTEGER[],
+            completion_token_ids INTEGER[][],   -- one list per choice
+            completion_logprobs FLOAT[][],      -- logprob of each sampled token, one list per choice
+            start_time TIMESTAMPTZ NOT NULL,
+            duration_ms DOUBLE NOT NULL,
+            time_to_first_chunk_ms DOUBLE,      -- streams: first chunk sent to the client
+            http_status INTEGER,                -- what the client got; 499 = client went away
+            error_type VARCHAR,                 -- null on success
+            error_message VARCHAR
+        );
+        CREATE INDEX spans_response_id ON spans (response_id);
+        CREATE INDEX spans_start_time ON spans (start_time);
+        """,
+    ),
+]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply the migrations this database lacks; return the names applied."""
+    con.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ)")
+    done = {name for (name,) in con.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO _migrations VALUES (?, now())", [name])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

@@ -1,0 +1,66 @@
+"""One row of the ``spans`` table: one model call, whatever its outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import ClassVar
+
+
+@dataclass(slots=True)
+class Span:
+    table: ClassVar[str] = "spans"
+
+    span_id: str
+    trace_id: str
+    parent_span_id: str | None
+    session_id: str | None
+    operation_name: str
+    provider_name: str
+    request_model: str | None
+    response_model: str | None
+    response_id: str | None
+    request_stream: bool
+    request_max_tokens: int | None
+    request_temperature: float | None
+    request_top_p: float | None
+    response_finish_reasons: list[str] | None
+    usage_input_tokens: int | None
+    usage_output_tokens: int | None
+    request: str
+    response: str | None
+    prompt_token_ids: list[int] | None
+    completion_token_ids: list[list[int]] | None
+    completion_logprobs: list[list[float]] | None
+    start_time: datetime
+    duration_ms: float
+    time_to_first_chunk_ms: float | None
+    http_status: int | None
+    error_type: str | None
+    error_message: str | None
+
+    def to_row(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in SPAN_COLUMNS)
+
+
+SPAN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Span))
+
+# Column -> OpenTelemetry attribute (GenAI semantic conventions, and OpenInference names Phoenix reads).
+OTEL_ATTRIBUTES: dict[str, str] = {
+    "session_id": "gen_ai.conversation.id",
+    "operation_name": "gen_ai.operation.name",
+    "provider_name": "gen_ai.provider.name",
+    "request_model": "gen_ai.request.model",
+    "response_model": "gen_ai.response.model",
+    "response_id": "gen_ai.response.id",
+    "request_stream": "gen_ai.request.stream",
+    "request_max_tokens": "gen_ai.request.max_tokens",
+    "request_temperature": "gen_ai.request.temperature",
+    "request_top_p": "gen_ai.request.top_p",
+    "response_finish_reasons": "gen_ai.response.finish_reasons",
+    "usage_input_tokens": "gen_ai.usage.input_tokens",
+    "usage_output_tokens": "gen_ai.usage.output_tokens",
+    "time_to_first_chunk_ms": "gen_ai.response.time_to_first_chunk",
+    "http_status": "http.response.status_code",
+    "error_type": "error.type",
+}

@@ -1,0 +1,200 @@
+"""The store's single writer: one thread owns the DuckDB file; everything else hands it rows through a queue.
+
+Durability policy, in full:
+
+* **Admission, not dropping.** Every call the proxy accepts first reserves a place in the write queue
+  (:meth:`Writer.reserve`). The queue holds at most ``max_pending`` rows; when the store falls behind, new calls
+  wait for a place (backpressure on the agents) instead of any accepted row being dropped. A reserved place is
+  always available to :meth:`Writer.submit`, which never blocks, so a span can be recorded from a ``finally``
+  block of a cancelled request.
+* **Batches, committed as soon as possible.** The thread takes everything waiting, inserts it in one transaction
+  per batch and commits. There is no timer: a row is committed within one batch's write of its arrival
+  (milliseconds), so SIGKILL loses at most the rows still in the queue.
+* **Shutdown.** :meth:`Writer.close` enqueues a sentinel; the thread commits what precedes it and closes the file.
+
+Reads from the same process use :meth:`Writer.cursor` (DuckDB cursors are safe per thread). Other processes read
+through the sidecar's HTTP API or exported files: DuckDB allows one process per database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import duckdb
+
+from store.migrations import migrate
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+# Rows per transaction at most; larger backlogs are written as several batches.
+MAX_BATCH = 2_000
+
+
+class Record(Protocol):
+    """Something the writer can insert: a table name and a row in that table's column order."""
+
+    table: str
+
+    def to_row(self) -> tuple[object, ...]: ...
+
+
+class Writer:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        columns: dict[str, Sequence[str]],
+        max_pending: int = 10_000,
+        on_commit: Callable[[list[Record]], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_pending = max_pending
+        self.on_commit = on_commit
+        self.written = 0
+        self.rejected = 0
+        self._inserts = {
+            table: f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            for table, cols in columns.items()
+        }
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating if needed) and migrate the database, then start the writer thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(str(self.path))
+        applied = migrate(self._con)
+        if applied:
+            log.info("store %s: applied migrations %s", self.path, ", ".join(applied))
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.max_pending)
+        self._thread = threading.Thread(target=self._run, name="lightwire-store-writer", daemon=True)
+        self._thread.start()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Write everything submitted so far, then close the file."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join, timeout)
+        if self._thread.is_alive():
+            log.error("store writer did not finish within %.0f s; rows still queued: %d", timeout, self._queue.qsize())
+        elif self._con is not None:
+            self._con.close()
+        self._thread = None
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    async def reserve(self) -> None:
+        """Wait for a place in the queue; each reservation entitles one :meth:`submit`."""
+        assert self._slots is not None, "writer not open"
+        await self._slots.acquire()
+
+    def submit(self, record: Record) -> None:
+        """Queue a row whose place was reserved; never blocks."""
+        self._queue.put(record)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor for reads (or writes that need an answer) from another thread of this process."""
+        assert self._con is not None, "writer not open"
+        return self._con.cursor()
+
+    # -- the thread -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._con is not None
+        con = self._con.cursor()
+        stopping = False
+        while not stopping:
+            batch: list[Record] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)  # type: ignore[arg-type]
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write(con, batch)
+        con.close()
+
+    def _write(self, con: duckdb.DuckDBPyConnection, batch: list[Record]) -> None:
+        rows: dict[str, list[tuple[object, ...]]] = {}
+        for record in batch:
+            try:
+                rows.setdefault(record.table, []).append(record.to_row())
+            except Exception:
+                log.exception("could not build a %s row", record.table)
+                self._reject(record)
+        delay = 0.05
+        while True:
+            try:
+                self._insert(con, rows)
+                break
+            except (duckdb.IOException, duckdb.OutOfMemoryException) as exc:
+                # Disk full, a locked file, an I/O error: keep the rows and try again rather than lose them.
+                log.error("store write of %d rows failed (%s); retrying in %.2f s", len(batch), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except duckdb.Error:
+                # A row the schema refuses (a bug): write the others one by one, set the bad ones aside.
+                for table, table_rows in rows.items():
+                    for row in table_rows:
+                        try:
+                            self._insert(con, {table: [row]})
+                        except duckdb.Error:
+                            log.exception("%s row refused by the store", table)
+                            self._reject(row)
+                break
+        self.written += len(batch)
+        assert self._loop is not None and self._slots is not None
+        self._loop.call_soon_threadsafe(_release, self._slots, len(batch))
+        if self.on_commit is not None:
+            try:
+                self.on_commit(batch)
+            except Exception:
+                log.exception("on_commit hook failed")
+
+    def _insert(self, con: duckdb.DuckDBPyConnection, rows: dict[str, list[tuple[object, ...]]]) -> None:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, table_rows in rows.items():
+                con.executemany(self._inserts[table], table_rows)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _reject(self, row: object) -> None:
+        """Keep what the store refused next to the database, so that nothing accepted is lost silently."""
+        self.rejected += 1
+        with open(self.path.with_suffix(".rejected.jsonl"), "a") as fh:
+            fh.write(json.dumps(row, default=repr) + "\n")
+
+
+def _release(slots: asyncio.Semaphore, n: int) -> None:
+    for _ in range(n):
+        slots.release()
