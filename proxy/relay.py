@@ -203,11 +203,13 @@ async def _relay_stream(
                 raise StreamBroken(f"The upstream broke off the stream: {exc}.", "truncated_stream") from None
             if not data:
                 break
-            outgoing, done = _pass_events(call, events.feed(data))
+            outgoing, done, broken = _pass_events(call, events.feed(data))
             if outgoing:
                 if call.first_chunk is None:
                     call.first_chunk = time.perf_counter()
                 await out.write(outgoing)
+            if broken is not None:
+                raise broken
         if not done:
             raise StreamBroken("The upstream's stream ended before [DONE].", "truncated_stream")
     except StreamBroken as exc:
@@ -217,8 +219,8 @@ async def _relay_stream(
     return out
 
 
-def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool]:
-    """Record each complete event and return the bytes to send on, and whether ``[DONE]`` was seen."""
+def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool, StreamBroken | None]:
+    """Record each complete event; return the bytes to send on, whether ``[DONE]`` was seen, and what broke."""
     parts = []
     done = False
     for event in events:
@@ -235,9 +237,8 @@ def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool]:
             if not isinstance(chunk, dict):
                 raise ValueError("not an object")
         except ValueError:
-            raise StreamBroken(
-                "The upstream sent a stream event that is not a JSON object.", "invalid_stream"
-            ) from None
+            broken = StreamBroken("The upstream sent a stream event that is not a JSON object.", "invalid_stream")
+            return b"".join(parts), done, broken
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             call.fail(call.status, str(error.get("type") or "upstream_error"), str(error.get("message")))
@@ -250,7 +251,7 @@ def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool]:
         visible = protocol.hide(orjson.loads(data), call.injected)
         if visible is not None:
             parts.append(b"data: " + orjson.dumps(visible) + b"\n\n")
-    return b"".join(parts), done
+    return b"".join(parts), done, None
 
 
 def _event_data(event: bytes) -> bytes | None:

@@ -26,7 +26,9 @@ class Proxy:
 
     async def start(self) -> Proxy:
         self.runner = web.AppRunner(
-            create_app(self.config), handler_cancellation=True, access_log=None,
+            create_app(self.config),
+            handler_cancellation=True,
+            access_log=None,
             shutdown_timeout=self.config.shutdown_timeout,
         )
         await self.runner.setup()
@@ -79,8 +81,7 @@ async def start_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
     async def start(upstream: str, **overrides: Any) -> Proxy:
-        config = settings.load(environ={}, upstream=upstream, db=tmp_path / f"spans{len(started)}.duckdb",
-                               **overrides)
+        config = settings.load(environ={}, upstream=upstream, db=tmp_path / f"spans{len(started)}.duckdb", **overrides)
         proxy = await Proxy(config).start()
         started.append(proxy)
         return proxy

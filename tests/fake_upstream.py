@@ -77,7 +77,9 @@ class FakeUpstream:
 
     async def models(self, request: web.Request) -> web.Response:
         owner = "vllm" if self.vllm else "fake"
-        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": owner}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": owner}]}
+        )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, "chat")
@@ -115,24 +117,36 @@ class FakeUpstream:
                 choice["message"] = {"role": "assistant", "content": text}
                 if body.get("tools"):
                     name = body["tools"][0]["function"]["name"]
-                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
-                        {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": '{"x": 1}'}}
-                    ]}
+                    choice["message"] = {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": '{"x": 1}'}}
+                        ],
+                    }
                     choice["finish_reason"] = "tool_calls"
                 if self.vllm and body.get("logprobs"):
-                    choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": None, "top_logprobs": []}
-                                                      for w in WORDS[:5]]}
+                    choice["logprobs"] = {
+                        "content": [{"token": w, "logprob": -0.5, "bytes": None, "top_logprobs": []} for w in WORDS[:5]]
+                    }
             else:
                 choice["text"] = text
                 if self.vllm and body.get("logprobs") is not None:
-                    choice["logprobs"] = {"tokens": WORDS[:5], "token_logprobs": [-0.5] * 5,
-                                          "top_logprobs": None, "text_offset": [0] * 5}
+                    choice["logprobs"] = {
+                        "tokens": WORDS[:5],
+                        "token_logprobs": [-0.5] * 5,
+                        "top_logprobs": None,
+                        "text_offset": [0] * 5,
+                    }
             if self.vllm and body.get("return_token_ids"):
                 choice["token_ids"] = tokens
             choices.append(choice)
         response: dict[str, Any] = {
-            "id": f"cmpl-{time.monotonic_ns()}", "object": "chat.completion" if operation == "chat" else "text_completion",
-            "created": int(time.time()), "model": body["model"], "choices": choices,
+            "id": f"cmpl-{time.monotonic_ns()}",
+            "object": "chat.completion" if operation == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": choices,
             "usage": {"prompt_tokens": 4, "completion_tokens": 5 * n, "total_tokens": 4 + 5 * n},
         }
         if self.vllm and body.get("return_token_ids"):
@@ -143,8 +157,9 @@ class FakeUpstream:
         h = request.headers
         chunks = int(h.get("x-fake-chunks", 5))
         delay = float(h.get("x-fake-chunk-delay", 0))
-        limits = {k: int(h[f"x-fake-{k}-after"]) for k in ("stall", "truncate", "drop", "garble")
-                  if f"x-fake-{k}-after" in h}
+        limits = {
+            k: int(h[f"x-fake-{k}-after"]) for k in ("stall", "truncate", "drop", "garble") if f"x-fake-{k}-after" in h
+        }
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(request)
         ident = f"chatcmpl-{time.monotonic_ns()}"
@@ -168,8 +183,13 @@ class FakeUpstream:
                 await asyncio.sleep(delay)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 4, "completion_tokens": chunks * n, "total_tokens": 4 + chunks * n}
-            final = {"id": ident, "object": "chat.completion.chunk", "model": body["model"], "choices": [],
-                     "usage": usage}
+            final = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
             await out.write(b"data: " + orjson.dumps(final) + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
@@ -188,8 +208,12 @@ class FakeUpstream:
                 piece = ['{"x"', ": ", "1", "}"][i % 4] if i < 4 else ""
                 call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
                 if i == 0:
-                    call = {"index": 0, "id": f"call_{c}", "type": "function",
-                            "function": {"name": name, "arguments": piece}}
+                    call = {
+                        "index": 0,
+                        "id": f"call_{c}",
+                        "type": "function",
+                        "function": {"name": name, "arguments": piece},
+                    }
                 delta = {"tool_calls": [call]} if piece or i == 0 else {}
             else:
                 delta = {"content": word}
@@ -201,13 +225,20 @@ class FakeUpstream:
         else:
             choice["text"] = "" if last else word
             if self.vllm and body.get("logprobs") is not None and not last:
-                choice["logprobs"] = {"tokens": [word], "token_logprobs": [-0.25], "top_logprobs": None,
-                                      "text_offset": [0]}
+                choice["logprobs"] = {
+                    "tokens": [word],
+                    "token_logprobs": [-0.25],
+                    "top_logprobs": None,
+                    "text_offset": [0],
+                }
         if self.vllm and body.get("return_token_ids") and not last:
             choice["token_ids"] = [200 + i]
         chunk: dict[str, Any] = {
-            "id": ident, "object": "chat.completion.chunk" if operation == "chat" else "text_completion",
-            "created": int(time.time()), "model": body["model"], "choices": [choice],
+            "id": ident,
+            "object": "chat.completion.chunk" if operation == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [choice],
         }
         if self.vllm and body.get("return_token_ids") and i == 0 and c == 0:
             chunk["prompt_token_ids"] = PROMPT_IDS

@@ -11,8 +11,12 @@ from tests.conftest import Proxy
 from tests.fake_upstream import PROMPT_IDS, WORDS, FakeUpstream
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
-TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object",
-                                                                          "properties": {"x": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+    }
+]
 
 
 def client(proxy: Proxy) -> openai.AsyncOpenAI:
@@ -76,10 +80,12 @@ async def test_sync_sdk_streaming_and_not(proxy: Proxy) -> None:
 async def test_tool_calls_pass_through_and_stream_deltas_are_reassembled(proxy: Proxy, stream: bool) -> None:
     sdk = client(proxy)
     if stream:
-        chunks = [c async for c in await sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS,
-                                                                      stream=True)]
-        arguments = "".join(tc.function.arguments or "" for c in chunks if c.choices
-                            for tc in c.choices[0].delta.tool_calls or [])
+        chunks = [
+            c async for c in await sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, stream=True)
+        ]
+        arguments = "".join(
+            tc.function.arguments or "" for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
+        )
         assert arguments == '{"x": 1}'
     else:
         done = await sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
@@ -109,8 +115,13 @@ async def test_n_choices_response_format_and_unknown_fields_reach_the_upstream_u
 async def test_completions_endpoint(proxy: Proxy, stream: bool) -> None:
     sdk = client(proxy)
     if stream:
-        text = "".join([c.choices[0].text async for c in await sdk.completions.create(model="m", prompt="Hi",
-                                                                                       stream=True) if c.choices])
+        text = "".join(
+            [
+                c.choices[0].text
+                async for c in await sdk.completions.create(model="m", prompt="Hi", stream=True)
+                if c.choices
+            ]
+        )
     else:
         text = (await sdk.completions.create(model="m", prompt="Hi")).choices[0].text
     assert text == "".join(WORDS[:5])
