@@ -18,7 +18,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the proxy: forward model calls and record them.")
     settings.add_arguments(serve)
+    commands.add_parser("settings", help="Print every setting as a Markdown table.")
     args = parser.parse_args(argv)
+    if args.command == "settings":
+        print(settings.markdown_table())
+        return
     try:
         config = settings.load(args)
     except ConfigError as exc:

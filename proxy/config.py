@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +150,10 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"setting {name}: cannot read {value!r} as {kind.__name__}") from exc
 
 
-def from_sequence(argv: Sequence[str]) -> Config:
-    """Parse ``serve``-style flags alone: handy for tests and embedding."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return load(parser.parse_args(list(argv)))
+def markdown_table() -> str:
+    """The README's configuration table (``lightwire settings`` prints it; a test keeps the README in step)."""
+    lines = ["| setting (TOML key) | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for f in fields():
+        default = "" if f.default in (None, ()) else f"`{f.default}`"
+        lines.append(f"| `{f.name}` | `{flag_name(f)}` | `{env_name(f)}` | {default} | {f.metadata['help']} |")
+    return "\n".join(lines)
