@@ -7,9 +7,11 @@ writes what is queued, then the exporter drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -18,10 +20,14 @@ from aiohttp import web
 from proxy import protocol
 from proxy.config import Config
 from proxy.errors import HTTPError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized, UpstreamError
+from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
 from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
+from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
 from proxy.upstream import Upstream, client_session, response_headers
-from store.spans import SPAN_COLUMNS, Span
+from store import queries
+from store.feedback import Feedback, SessionEnd
+from store.spans import Span
 from store.writer import Record, Writer
 
 log = logging.getLogger(__name__)
@@ -30,10 +36,14 @@ CONFIG = web.AppKey("config", Config)
 WRITER = web.AppKey("writer", Writer)
 EXPORTER = web.AppKey("exporter", Exporter)
 UPSTREAM = web.AppKey("upstream", Upstream)
+SESSIONS = web.AppKey("sessions", Sessions)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Paths answered without a client API key.
+# Paths answered without any key, and path prefixes guarded by the admin key.
 PUBLIC_PATHS = frozenset({"/healthz"})
+ADMIN_PREFIXES = ("/feedback", "/sessions/", "/admin/")
+# Where a session's calls come from when the agent names it; its turn count may then be in the store already.
+NAMED_SESSION_SOURCES = frozenset({"header", "path", "traceparent"})
 
 
 def create_app(config: Config) -> web.Application:
@@ -42,10 +52,14 @@ def create_app(config: Config) -> web.Application:
     if config.otlp_endpoint:
         app.cleanup_ctx.append(exporter_ctx)
     app.cleanup_ctx.append(writer_ctx)
+    app.cleanup_ctx.append(sessions_ctx)
     app.cleanup_ctx.append(upstream_ctx)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
+    for prefix in ("", "/s/{session}"):
+        app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
+        app.router.add_post(prefix + "/v1/completions", completions)
+        app.router.add_get(prefix + "/v1/models", models)
+    app.router.add_post("/feedback", post_feedback)
+    app.router.add_post("/sessions/{session}/end", end_session)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -70,7 +84,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     writer = Writer(
         config.db,
-        columns={"spans": SPAN_COLUMNS},
+        kinds=[Span, Feedback, SessionEnd],
         max_pending=config.max_pending_spans,
         on_commit=export if exporter else None,
     )
@@ -79,6 +93,26 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await writer.close()
     log.info("store closed: %d spans written", writer.written)
+
+
+async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    sessions = app[SESSIONS] = Sessions()
+    app[FEEDBACK_DESK] = FeedbackDesk(app[WRITER], sessions)
+    sweeper = asyncio.create_task(close_idle_sessions(app))
+    yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
+
+
+async def close_idle_sessions(app: web.Application) -> None:
+    timeout = app[CONFIG].session_idle_timeout
+    writer, sessions = app[WRITER], app[SESSIONS]
+    while True:
+        await asyncio.sleep(min(timeout / 4, 5.0))
+        for session_id in sessions.idle(timeout):
+            await writer.reserve()
+            writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason="idle"))
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -118,7 +152,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = request.app[CONFIG].api_keys
+    """Model calls need a client key when some are set; admin paths need the admin key when it is set."""
+    config = request.app[CONFIG]
+    keys = config.api_keys
+    if config.admin_key and request.path.startswith(ADMIN_PREFIXES):
+        keys = (config.admin_key,)
     if keys and request.path not in PUBLIC_PATHS:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
@@ -142,10 +180,21 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     """Validate, reserve a place in the store, forward, and record exactly one span whatever happens."""
     raw = await request.read()
     body = protocol.parse_request(operation, raw)
-    writer = request.app[WRITER]
-    upstream = request.app[UPSTREAM]
-    await writer.reserve()
+    writer, upstream, sessions = request.app[WRITER], request.app[UPSTREAM], request.app[SESSIONS]
     call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), upstream.provider)
+    messages = body.get("messages") if operation == protocol.CHAT else None
+    call.session_id, call.session_source = sessions.attribute(
+        header=request.headers.get(SESSION_HEADER),
+        path=request.match_info.get("session"),
+        trace_id=call.ids.trace_id if call.ids.parent_span_id else None,
+        messages=messages,
+    )
+    earlier_turns = None
+    if call.session_source in NAMED_SESSION_SOURCES and not sessions.is_known(call.session_id):
+        earlier_turns = await asyncio.to_thread(_count_turns, writer, call.session_id)
+    await writer.reserve()
+    call.turn_index = sessions.begin(call.session_id, earlier_turns)
+    sessions.remember_call(call.ids.span_id, None, call.session_id)
     try:
         return await forward(request, call, upstream, request.app[CONFIG])
     except HTTPError as exc:
@@ -158,6 +207,14 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     finally:
         call.end()
         writer.submit(call)
+        sessions.finish(call.session_id, messages, call.replies())
+        response_id = call.response.get("id") if call.response else None
+        sessions.remember_call(call.ids.span_id, response_id, call.session_id)
+
+
+def _count_turns(writer: Writer, session_id: str) -> int:
+    with writer.cursor() as con:
+        return queries.session_turns(con, session_id)
 
 
 async def models(request: web.Request) -> web.Response:

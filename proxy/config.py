@@ -45,6 +45,12 @@ class Config:
         secret=True,
         flag="--api-key",
     )
+    admin_key: str | None = setting(
+        None,
+        "Key guarding /feedback, /sessions and the admin API; none set = the client keys guard them.",
+        secret=True,
+    )
+    session_idle_timeout: float = setting(300.0, "Seconds without a call after which a session is closed.")
     capture_tokens: str = setting(
         "auto",
         "Ask the backend for token ids and logprobs: auto (when it is vLLM), always or never.",

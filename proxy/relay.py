@@ -1,9 +1,8 @@
 """Forwarding one model call to its backend and recording it: the request path.
 
 A :class:`Call` follows one request from acceptance to its last byte and becomes exactly one row of ``spans``,
-whatever happens (success, upstream error, timeout, broken stream, client gone). The heavy part of building that
-row (parsing a passed-through body, reassembling a stream, reading token ids) runs in the store's writer thread,
-off the request path.
+whatever happens (success, upstream error, timeout, broken stream, client gone). Building that row (reading
+token ids and logprobs, serializing JSON) runs in the store's writer thread, off the request path.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -47,7 +46,7 @@ class StreamBroken(HTTPError):
 class Call:
     """One model call in flight; the store writes it as one ``spans`` row (it is a store ``Record``)."""
 
-    table = "spans"
+    table: ClassVar[str] = "spans"
 
     def __init__(self, operation: str, body: dict[str, Any], raw: bytes, ids: TraceIds, provider: str) -> None:
         self.operation = operation
@@ -56,6 +55,8 @@ class Call:
         self.ids = ids
         self.provider = provider
         self.session_id: str | None = None
+        self.session_source: str | None = None
+        self.turn_index: int | None = None
         self.injected: Injected = NOTHING
         self.started = time.perf_counter()
         self.start_time = datetime.now(UTC)
@@ -66,6 +67,7 @@ class Call:
         self.error_message: str | None = None
         self.response_raw: bytes | None = None  # a non-streaming body, as received
         self.chunks: list[dict[str, Any]] = []  # a stream's chunks, as received
+        self.response: dict[str, Any] | None = None  # the whole response, once settled
         self.span: Span | None = None
 
     def fail(self, status: int | None, error_type: str, message: str) -> None:
@@ -73,14 +75,29 @@ class Call:
             self.status, self.error_type, self.error_message = status, error_type, message
 
     def end(self) -> None:
+        """The call is over: note when, and read the whole response (a stream's chunks reassembled)."""
         self.ended = time.perf_counter()
+        if self.chunks:
+            self.response = protocol.reassemble(self.operation, self.chunks)
+        elif self.response_raw:
+            try:
+                parsed = orjson.loads(self.response_raw)
+            except orjson.JSONDecodeError:
+                return
+            self.response = parsed if isinstance(parsed, dict) and "choices" in parsed else None
+
+    def replies(self) -> list[dict[str, Any]]:
+        """The assistant messages of a chat response, one per choice."""
+        if self.response is None or self.operation != protocol.CHAT:
+            return []
+        return [c["message"] for c in self.response.get("choices") or () if isinstance(c.get("message"), dict)]
 
     def to_row(self) -> tuple[object, ...]:
         self.span = self.to_span()
         return self.span.to_row()
 
     def to_span(self) -> Span:
-        response = self._response()
+        response = self.response
         fields = protocol.extract(response) if response else protocol.ResponseFields()
         stored = protocol.hidden_copy(response, self.injected) if response else None
         body = self.body
@@ -113,18 +130,9 @@ class Call:
             http_status=self.status,
             error_type=self.error_type,
             error_message=self.error_message,
+            turn_index=self.turn_index,
+            session_source=self.session_source,
         )
-
-    def _response(self) -> dict[str, Any] | None:
-        if self.chunks:
-            return protocol.reassemble(self.operation, self.chunks)
-        if self.response_raw:
-            try:
-                parsed = orjson.loads(self.response_raw)
-            except orjson.JSONDecodeError:
-                return None
-            return parsed if isinstance(parsed, dict) and "choices" in parsed else None
-        return None
 
 
 def _number(value: Any, kind: type) -> Any:

@@ -49,6 +49,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX spans_start_time ON spans (start_time);
         """,
     ),
+    (
+        "002_sessions_feedback",
+        """
+        ALTER TABLE spans ADD COLUMN turn_index INTEGER;   -- order of the call in its session, from 0
+        ALTER TABLE spans ADD COLUMN session_source VARCHAR;  -- header | path | traceparent | linked | new
+        CREATE INDEX spans_session_id ON spans (session_id);
+        CREATE TABLE feedback (
+            feedback_id VARCHAR PRIMARY KEY,    -- the caller's, for idempotency, or generated
+            span_id VARCHAR,                    -- the call it scores; null for session-wide feedback
+            session_id VARCHAR,                 -- the session it belongs to
+            name VARCHAR NOT NULL,              -- several named rewards per target; default 'reward'
+            value DOUBLE NOT NULL,              -- true/false arrive as 1/0
+            comment VARCHAR,
+            source VARCHAR NOT NULL,            -- api | hook:module:function
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE INDEX feedback_span_id ON feedback (span_id);
+        CREATE INDEX feedback_session_id ON feedback (session_id);
+        CREATE TABLE sessions (
+            session_id VARCHAR PRIMARY KEY,
+            ended_at TIMESTAMPTZ NOT NULL,      -- closed by POST /sessions/<id>/end or after the idle timeout
+            end_reason VARCHAR NOT NULL         -- ended | idle
+        );
+        """,
+    ),
 ]
 
 

@@ -38,6 +38,8 @@ class Span:
     http_status: int | None
     error_type: str | None
     error_message: str | None
+    turn_index: int | None
+    session_source: str | None
 
     def to_row(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in SPAN_COLUMNS)

@@ -19,6 +19,7 @@ through the sidecar's HTTP API or exported files: DuckDB allows one process per 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import duckdb
 
@@ -40,11 +41,18 @@ MAX_BATCH = 2_000
 
 
 class Record(Protocol):
-    """Something the writer can insert: a table name and a row in that table's column order."""
+    """Something the writer can insert: a table name and a row in the order of its kind's dataclass fields."""
 
-    table: str
+    table: ClassVar[str]
 
     def to_row(self) -> tuple[object, ...]: ...
+
+
+def insert_statement(kind: type[Record]) -> str:
+    """``INSERT`` for a record dataclass (``INSERT OR REPLACE`` when it sets ``replace = True``)."""
+    columns = [f.name for f in dataclasses.fields(kind)]  # type: ignore[arg-type]
+    verb = "INSERT OR REPLACE" if getattr(kind, "replace", False) else "INSERT"
+    return f"{verb} INTO {kind.table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
 class Writer:
@@ -52,7 +60,7 @@ class Writer:
         self,
         path: Path | str,
         *,
-        columns: dict[str, Sequence[str]],
+        kinds: Sequence[type[Record]],
         max_pending: int = 10_000,
         on_commit: Callable[[list[Record]], None] | None = None,
     ) -> None:
@@ -61,10 +69,7 @@ class Writer:
         self.on_commit = on_commit
         self.written = 0
         self.rejected = 0
-        self._inserts = {
-            table: f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-            for table, cols in columns.items()
-        }
+        self._inserts = {kind.table: insert_statement(kind) for kind in kinds}
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +108,11 @@ class Writer:
         """Wait for a place in the queue; each reservation entitles one :meth:`submit`."""
         assert self._slots is not None, "writer not open"
         await self._slots.acquire()
+
+    def unreserve(self) -> None:
+        """Give back a reservation that will not be used."""
+        assert self._slots is not None
+        self._slots.release()
 
     def submit(self, record: Record) -> None:
         """Queue a row whose place was reserved; never blocks."""

@@ -81,7 +81,8 @@ async def start_proxy(tmp_path: Path):
     started: list[Proxy] = []
 
     async def start(upstream: str, **overrides: Any) -> Proxy:
-        config = settings.load(environ={}, upstream=upstream, db=tmp_path / f"spans{len(started)}.duckdb", **overrides)
+        overrides.setdefault("db", tmp_path / f"spans{len(started)}.duckdb")
+        config = settings.load(environ={}, upstream=upstream, **overrides)
         proxy = await Proxy(config).start()
         started.append(proxy)
         return proxy

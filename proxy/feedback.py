@@ -1,0 +1,153 @@
+"""``POST /feedback`` and ``POST /sessions/<id>/end``: how the service around an agent says how things went.
+
+Feedback names its target by exactly one of ``span_id``, ``response_id`` (the ``id`` the agent saw) or
+``session_id``, and carries a finite ``reward`` (true/false count as 1/0), an optional ``name`` (several named
+rewards per target; default ``"reward"``), ``comment`` and ``feedback_id``. A repeated ``feedback_id`` gets the
+first answer again and writes nothing. Targets are found among recent calls in memory first, so feedback that
+arrives before its span is written attaches all the same, then in the store, so late feedback does too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import InvalidRequest, NotFound, json_response
+from proxy.sessions import Sessions
+from store import queries
+from store.feedback import Feedback, SessionEnd
+from store.writer import Writer
+
+TARGETS = ("span_id", "response_id", "session_id")
+DEFAULT_NAME = "reward"
+ANSWERS_KEPT = 100_000
+
+
+class FeedbackDesk:
+    """Takes feedback and session ends for one proxy process."""
+
+    def __init__(self, writer: Writer, sessions: Sessions) -> None:
+        self.writer = writer
+        self.sessions = sessions
+        self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def post(self, body: dict[str, Any], *, source: str = "api") -> dict[str, Any]:
+        feedback_id = _optional_str(body, "feedback_id")
+        if feedback_id is not None:
+            earlier = await self._earlier_answer(feedback_id)
+            if earlier is not None:
+                return earlier
+        targets = [key for key in TARGETS if body.get(key) is not None]
+        if len(targets) != 1:
+            raise InvalidRequest("Name exactly one target: span_id, response_id or session_id.")
+        target = _optional_str(body, targets[0]) or ""
+        value = reward_value(body.get("reward"))
+        name = _optional_str(body, "name") or DEFAULT_NAME
+        comment = _optional_str(body, "comment")
+        span_id, session_id = await self._resolve(targets[0], target)
+        await self.writer.reserve()
+        earlier = self._answers.get(feedback_id) if feedback_id else None
+        if earlier is not None:  # the same feedback_id arrived twice at once
+            self.writer.unreserve()
+            return earlier
+        row = Feedback(
+            feedback_id=feedback_id or "fb-" + os.urandom(12).hex(),
+            span_id=span_id,
+            session_id=session_id,
+            name=name,
+            value=value,
+            comment=comment,
+            source=source,
+            created_at=datetime.now(UTC),
+        )
+        self.writer.submit(row)
+        answer = {
+            "object": "feedback",
+            "id": row.feedback_id,
+            "span_id": span_id,
+            "session_id": session_id,
+            "name": name,
+            "value": value,
+            "comment": comment,
+            "created_at": row.created_at.isoformat(),
+        }
+        self._answers[row.feedback_id] = answer
+        while len(self._answers) > ANSWERS_KEPT:
+            self._answers.popitem(last=False)
+        return answer
+
+    async def end_session(self, session_id: str, reason: str = "ended") -> None:
+        if not self.sessions.is_known(session_id) and not await self._in_store(queries.session_turns, session_id):
+            raise NotFound(f"No session {session_id!r}.")
+        self.sessions.end(session_id)
+        await self.writer.reserve()
+        self.writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason=reason))
+
+    async def _earlier_answer(self, feedback_id: str) -> dict[str, Any] | None:
+        return self._answers.get(feedback_id) or await self._in_store(queries.feedback_answer, feedback_id)
+
+    async def _resolve(self, kind: str, target: str) -> tuple[str | None, str | None]:
+        """``(span_id, session_id)`` of the target, or :class:`NotFound`."""
+        if kind == "session_id":
+            if self.sessions.is_known(target) or await self._in_store(queries.session_turns, target):
+                return None, target
+        else:
+            found = self.sessions.find_call(target)
+            if found is None:
+                key = {"span_id": target} if kind == "span_id" else {"response_id": target}
+                found = await self._in_store(lambda con: queries.find_call(con, **key))
+            if found is not None:
+                return found
+        raise NotFound(f"No call or session with {kind} {target!r}.", param=kind)
+
+    async def _in_store(self, query: Any, *args: Any) -> Any:
+        def run() -> Any:
+            with self.writer.cursor() as con:
+                return query(con, *args)
+
+        return await asyncio.to_thread(run)
+
+
+def reward_value(reward: Any) -> float:
+    if isinstance(reward, bool):
+        return 1.0 if reward else 0.0
+    if isinstance(reward, int | float) and math.isfinite(reward):
+        return float(reward)
+    raise InvalidRequest("reward must be a finite number, or true/false.", param="reward")
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidRequest(f"{key} must be a non-empty string.", param=key)
+    return value
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+FEEDBACK_DESK = web.AppKey("feedback_desk", FeedbackDesk)
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    return json_response(await request.app[FEEDBACK_DESK].post(json_object(await request.read())))
+
+
+async def end_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session"]
+    await request.app[FEEDBACK_DESK].end_session(session_id)
+    return json_response({"object": "session", "id": session_id, "ended": True})

@@ -1,0 +1,179 @@
+"""Which calls belong together: a session id and a turn index for every call, with no change to the agent.
+
+The session comes from the first of:
+
+1. the ``x-lightwire-session`` header (sent by the agent or injected by the service's own HTTP layer);
+2. a path prefix, ``OPENAI_BASE_URL=http://sidecar:8400/s/<session>/v1``;
+3. the W3C ``traceparent`` header: its trace id, for agents already instrumented with OpenTelemetry;
+4. automatic linking: a chat call whose messages begin with an earlier call's messages followed by that call's
+   assistant reply (anything, e.g. tool results, may follow) continues that call's session. Otherwise the call
+   starts a new session.
+
+Linking keeps a bounded index from the hash of a conversation prefix ending with an assistant reply to the
+session that produced the reply: one dictionary look-up per assistant message in the request, no scan. Each
+choice of an ``n > 1`` call registers its own reply. Identical histories (same system prompt, same question, same
+greedy answer in two conversations) register the same key twice; each continuation claims the oldest unclaimed
+session, and once all are claimed (a retry, or a branch) the call joins the most recent one.
+
+The turn index is the call's order in its session, from 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+SESSION_HEADER = "x-lightwire-session"
+MAX_SESSION_ID = 256
+# Conversation prefixes remembered for linking, and sessions remembered for turn counting.
+INDEX_CAPACITY = 200_000
+
+
+@dataclass(slots=True)
+class SessionState:
+    next_turn: int = 0
+    in_flight: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Claim:
+    session_id: str
+    claimed: bool = False
+
+
+class Sessions:
+    """In-memory session bookkeeping of one proxy process (the store keeps the record)."""
+
+    def __init__(self, capacity: int = INDEX_CAPACITY) -> None:
+        self.capacity = capacity
+        self.active: OrderedDict[str, SessionState] = OrderedDict()
+        self._replies: OrderedDict[bytes, list[_Claim]] = OrderedDict()
+        self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def attribute(
+        self, *, header: str | None, path: str | None, trace_id: str | None, messages: list[Any] | None
+    ) -> tuple[str, str]:
+        """The call's session id and where it came from: header, path, traceparent, linked or new."""
+        for source, value in (("header", header), ("path", path)):
+            if value:
+                return value[:MAX_SESSION_ID], source
+        if trace_id:
+            return trace_id, "traceparent"
+        if messages:
+            linked = self._link(messages)
+            if linked is not None:
+                return linked, "linked"
+        return "lw-" + os.urandom(12).hex(), "new"
+
+    def begin(self, session_id: str, known_turns: int | None = None) -> int:
+        """Count a call into its session; return its turn index. ``known_turns`` seeds a session not in memory."""
+        state = self.active.get(session_id)
+        if state is None:
+            state = self.active[session_id] = SessionState(next_turn=known_turns or 0)
+            self._trim(self.active)
+        self.active.move_to_end(session_id)
+        state.in_flight += 1
+        state.last_seen = time.monotonic()
+        turn = state.next_turn
+        state.next_turn += 1
+        return turn
+
+    def is_known(self, session_id: str) -> bool:
+        return session_id in self.active
+
+    def finish(self, session_id: str, messages: list[Any] | None, replies: Iterable[dict[str, Any]]) -> None:
+        """A call ended: remember its replies for linking, and when the session was last active."""
+        state = self.active.get(session_id)
+        if state is not None:
+            state.in_flight -= 1
+            state.last_seen = time.monotonic()
+        if messages is None:
+            return
+        base = _prefix_hashes(messages)[-1] if messages else b""
+        for reply in replies:
+            key = _extend(base, reply)
+            claims = self._replies.get(key)
+            if claims is None:
+                self._replies[key] = [_Claim(session_id)]
+                self._trim(self._replies)
+            elif all(c.session_id != session_id for c in claims):
+                claims.append(_Claim(session_id))
+
+    def remember_call(self, span_id: str, response_id: str | None, session_id: str) -> None:
+        """Recent calls by span id and response id, for feedback that arrives before their rows are written."""
+        self._calls[span_id] = (span_id, session_id)
+        if response_id:
+            self._calls[response_id] = (span_id, session_id)
+        self._trim(self._calls)
+
+    def find_call(self, key: str) -> tuple[str, str] | None:
+        """``(span_id, session_id)`` of a recent call, by span id or response id."""
+        return self._calls.get(key)
+
+    def idle(self, timeout: float) -> list[str]:
+        """Sessions with nothing in flight and no call for ``timeout`` seconds; they are forgotten."""
+        cutoff = time.monotonic() - timeout
+        gone = [s for s, st in self.active.items() if st.in_flight == 0 and st.last_seen < cutoff]
+        for session_id in gone:
+            del self.active[session_id]
+        return gone
+
+    def end(self, session_id: str) -> None:
+        self.active.pop(session_id, None)
+
+    def _link(self, messages: list[Any]) -> str | None:
+        hashes = _prefix_hashes(messages)
+        for i in range(len(messages) - 1, -1, -1):
+            if isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
+                claims = self._replies.get(hashes[i + 1])
+                if claims:
+                    self._replies.move_to_end(hashes[i + 1])
+                    claim = next((c for c in claims if not c.claimed), claims[-1])
+                    claim.claimed = True
+                    return claim.session_id
+        return None
+
+    def _trim(self, table: OrderedDict[Any, Any]) -> None:
+        while len(table) > self.capacity:
+            table.popitem(last=False)
+
+
+def _prefix_hashes(messages: list[Any]) -> list[bytes]:
+    """``out[i]`` is the hash of ``messages[:i]``; each step hashes one message onto the previous digest."""
+    out = [b""]
+    for message in messages:
+        out.append(_extend(out[-1], message))
+    return out
+
+
+def _extend(digest: bytes, message: Any) -> bytes:
+    return hashlib.blake2b(digest + _canonical(message), digest_size=16).digest()
+
+
+def _canonical(message: Any) -> bytes:
+    """A message as it identifies a conversation: what an agent sends back of a reply, and nothing else.
+
+    SDKs re-send a reply with extra fields (``refusal``, ``annotations``...) and ``None`` for empty content, and
+    may turn text into content parts; none of that changes the conversation.
+    """
+    if not isinstance(message, dict):
+        return orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        content = "".join(texts) if len(texts) == len(content) else content
+    calls = [
+        (c.get("id"), (c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
+        for c in message.get("tool_calls") or ()
+        if isinstance(c, dict)
+    ]
+    canonical = [message.get("role"), content or "", message.get("name"), message.get("tool_call_id"), calls]
+    return orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)

@@ -1,0 +1,41 @@
+"""Rows of the ``feedback`` and ``sessions`` tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import ClassVar
+
+
+@dataclass(slots=True, frozen=True)
+class Feedback:
+    """A named reward for one call (``span_id``) or a whole session (``span_id`` null)."""
+
+    table: ClassVar[str] = "feedback"
+
+    feedback_id: str
+    span_id: str | None
+    session_id: str | None
+    name: str
+    value: float
+    comment: str | None
+    source: str
+    created_at: datetime
+
+    def to_row(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(slots=True, frozen=True)
+class SessionEnd:
+    """A session closed, by ``POST /sessions/<id>/end`` or after the idle timeout (a later call reopens it)."""
+
+    table: ClassVar[str] = "sessions"
+    replace: ClassVar[bool] = True
+
+    session_id: str
+    ended_at: datetime
+    end_reason: str
+
+    def to_row(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
