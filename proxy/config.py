@@ -67,6 +67,27 @@ class Config:
     max_pending_spans: int = setting(
         10_000, "Spans that may wait for the store; past this new calls wait (backpressure)."
     )
+    # Rewards and datasets
+    span_hooks: tuple[str, ...] = setting(
+        (), "Reward hook scoring each call, as module:function (repeatable).", flag="--span-hook"
+    )
+    session_hooks: tuple[str, ...] = setting(
+        (), "Reward hook scoring each ended session, as module:function (repeatable).", flag="--session-hook"
+    )
+    group_hooks: tuple[str, ...] = setting(
+        (),
+        "Reward hook ranking ended sessions of the same task together, as module:function (repeatable).",
+        flag="--group-hook",
+    )
+    group_size: int = setting(4, "Ended sessions of one task a group hook waits for.")
+    judge_model: str = setting(
+        "openai/gpt-4o-mini", "litellm model name the LLM-as-judge hook asks (keys from the environment)."
+    )
+    hook_retries: int = setting(3, "Attempts for a failing reward hook before it is given up (logged).")
+    credit_policy: str = setting(
+        "discounted", "Session reward to turns: last, broadcast or discounted; per-turn feedback wins."
+    )
+    discount: float = setting(0.9, "Discount per turn from the end, for credit_policy=discounted.")
     # Telemetry
     otlp_endpoint: str | None = setting(
         None, "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces) to export spans to."
@@ -76,6 +97,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.capture_tokens not in {"auto", "always", "never"}:
             raise ConfigError(f"capture_tokens must be auto, always or never, not {self.capture_tokens!r}")
+        if self.credit_policy not in {"last", "broadcast", "discounted"}:
+            raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
         if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:
             raise ConfigError("max_body_mb, max_pending_spans and upstream_connections must be positive")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):

@@ -74,6 +74,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "003_adapters",
+        """
+        ALTER TABLE spans ADD COLUMN adapter_version VARCHAR;  -- the adapter that served the call; null: base model
+        CREATE TABLE adapters (
+            version VARCHAR PRIMARY KEY,        -- v1, v2, ... never reused for other weights
+            path VARCHAR NOT NULL,              -- the adapter folder (peft) or merged model folder
+            parent VARCHAR,                     -- the version it was trained from
+            algorithm VARCHAR,                  -- sft-filtered, kto, grpo, registered (by hand)...
+            data JSON,                          -- where it came from: data window, hash, counts
+            status VARCHAR NOT NULL,            -- candidate | canary | active | retired | failed
+            served_name VARCHAR,                -- the name vLLM serves it under
+            metrics JSON,                       -- evaluation results
+            message VARCHAR,                    -- why it failed or was retired
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 

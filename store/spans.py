@@ -40,6 +40,7 @@ class Span:
     error_message: str | None
     turn_index: int | None
     session_source: str | None
+    adapter_version: str | None = None
 
     def to_row(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in SPAN_COLUMNS)
