@@ -17,14 +17,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import protocol
+from proxy import adapters_api, protocol
+from proxy.backends import BACKENDS, POLICY, Backends, backends
 from proxy.config import Config
-from proxy.errors import HTTPError, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized, UpstreamError
+from proxy.errors import (
+    BackendUnavailable,
+    HTTPError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamError,
+    json_response,
+)
 from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
 from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
 from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
-from proxy.upstream import Upstream, client_session, response_headers
+from proxy.upstream import response_headers
 from store import queries
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
@@ -35,7 +45,6 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 WRITER = web.AppKey("writer", Writer)
 EXPORTER = web.AppKey("exporter", Exporter)
-UPSTREAM = web.AppKey("upstream", Upstream)
 SESSIONS = web.AppKey("sessions", Sessions)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,14 +62,16 @@ def create_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(exporter_ctx)
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(sessions_ctx)
-    app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(backends_ctx)
     for prefix in ("", "/s/{session}"):
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
         app.router.add_post(prefix + "/v1/completions", completions)
         app.router.add_get(prefix + "/v1/models", models)
     app.router.add_post("/feedback", post_feedback)
     app.router.add_post("/sessions/{session}/end", end_session)
+    adapters_api.add_routes(app.router)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 
@@ -115,18 +126,9 @@ async def close_idle_sessions(app: web.Application) -> None:
             writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason="idle"))
 
 
-async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    if config.upstream is None:
-        raise SystemExit("lightwire serve needs --upstream URL (an OpenAI-compatible base URL)")
-    async for session in client_session(config):
-        app[UPSTREAM] = Upstream(
-            config.upstream,
-            session,
-            api_key=config.upstream_api_key,
-            capture_tokens=config.capture_tokens,
-            forward_client_auth=not config.api_keys,
-        )
+async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with backends(app[CONFIG], app[WRITER]) as found:
+        app[BACKENDS] = found
         yield
 
 
@@ -180,8 +182,9 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     """Validate, reserve a place in the store, forward, and record exactly one span whatever happens."""
     raw = await request.read()
     body = protocol.parse_request(operation, raw)
-    writer, upstream, sessions = request.app[WRITER], request.app[UPSTREAM], request.app[SESSIONS]
-    call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), upstream.provider)
+    writer, found, sessions = request.app[WRITER], request.app[BACKENDS], request.app[SESSIONS]
+    target = found.target(body["model"])
+    call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), target)
     messages = body.get("messages") if operation == protocol.CHAT else None
     call.session_id, call.session_source = sessions.attribute(
         header=request.headers.get(SESSION_HEADER),
@@ -196,7 +199,10 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     call.turn_index = sessions.begin(call.session_id, earlier_turns)
     sessions.remember_call(call.ids.span_id, None, call.session_id)
     try:
-        return await forward(request, call, upstream, request.app[CONFIG])
+        if target == POLICY:
+            return await _forward_to_policy(request, call, found)
+        assert found.upstream is not None
+        return await forward(request, call, found.upstream, request.app[CONFIG])
     except HTTPError as exc:
         call.fail(exc.status, exc.code or exc.type, exc.message)
         exc.headers[SPAN_HEADER] = call.ids.span_id
@@ -212,13 +218,33 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
         sessions.remember_call(call.ids.span_id, response_id, call.session_id)
 
 
+async def _forward_to_policy(request: web.Request, call: Call, found: Backends) -> web.StreamResponse:
+    assert found.policy is not None
+    if found.problem:
+        raise BackendUnavailable(found.problem)
+    replica, version = await found.policy.acquire(call.session_id)
+    call.adapter_version = version.version
+    try:
+        return await forward(request, call, replica.upstream, request.app[CONFIG], model=version.served_name)
+    finally:
+        found.policy.release(replica, version)
+
+
 def _count_turns(writer: Writer, session_id: str) -> int:
     with writer.cursor() as con:
         return queries.session_turns(con, session_id)
 
 
 async def models(request: web.Request) -> web.Response:
-    upstream = request.app[UPSTREAM]
+    found = request.app[BACKENDS]
+    if found.policy is not None:
+        replica = next((r for r in found.policy.replicas if r.usable()), None)
+        if replica is None:
+            raise BackendUnavailable("The model is still starting.", headers={"Retry-After": "5"})
+        upstream = replica.upstream
+    else:
+        assert found.upstream is not None
+        upstream = found.upstream
     headers = upstream.headers(request.headers, traceparent=TraceIds.new(None).traceparent)
     try:
         async with upstream.session.get(upstream.url("/models"), headers=headers) as resp:
@@ -228,6 +254,26 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    writer = request.app[WRITER]
+    """Liveness, and what is being served: always 200 while the process works."""
+    writer, found = request.app[WRITER], request.app[BACKENDS]
     body: dict[str, Any] = {"status": "ok", "spans_written": writer.written, "spans_pending": writer.pending}
-    return web.json_response(body)
+    if found.policy is not None:
+        policy = found.policy
+        body["policy"] = {
+            "ready": policy.ready(),
+            "mode": policy.mode,
+            "base": policy.base.served_name,
+            "active": policy.active.label,
+            "canary": policy.canary.label if policy.canary else None,
+            "canary_fraction": policy.canary_fraction,
+            "problem": found.problem,
+        }
+    return json_response(body)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 once calls can be served, else 503: for orchestrators and scripts that wait for the model."""
+    policy = request.app[BACKENDS].policy
+    if policy is not None and not policy.ready():
+        raise BackendUnavailable("The model is still starting.", headers={"Retry-After": "5"})
+    return json_response({"status": "ready"})

@@ -36,6 +36,21 @@ class Config:
     host: str = setting("127.0.0.1", "Address the proxy listens on.")
     port: int = setting(8400, "Port the proxy listens on.")
     upstream: str | None = setting(None, "OpenAI-compatible base URL to forward to, e.g. http://127.0.0.1:8000/v1.")
+    vllm: tuple[str, ...] = setting(
+        (), "Base URL of a vLLM server to serve the policy from (repeatable, one per replica).", flag="--vllm"
+    )
+    routes: tuple[str, ...] = setting(
+        (),
+        "MODEL=TARGET: calls for MODEL go to TARGET (policy, upstream, or a provider model) (repeatable).",
+        flag="--route",
+    )
+    model_dir: Path | None = setting(None, "Hugging Face model folder to serve instead of the embedded default.")
+    cache_dir: Path = setting(Path.home() / ".cache" / "lightwire", "Where the embedded model and vLLM's log live.")
+    adapters_dir: Path = setting(Path("lightwire-adapters"), "Where adapter versions and merged weights are kept.")
+    swap_mode: str = setting("auto", "How versions are served: lora, merged, or auto (merged on CPU, else lora).")
+    swap_drain_timeout: float = setting(10.0, "Seconds a merged-mode swap waits for running calls to finish.")
+    max_lora_rank: int = setting(16, "Largest LoRA rank vLLM accepts (--max-lora-rank).")
+    vllm_kv_cache_gib: int = setting(2, "GiB of memory for the managed vLLM's KV cache (CPU).")
     upstream_api_key: str | None = setting(
         None, "Bearer token sent to the upstream; default: the client's own Authorization header.", secret=True
     )
@@ -97,6 +112,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.capture_tokens not in {"auto", "always", "never"}:
             raise ConfigError(f"capture_tokens must be auto, always or never, not {self.capture_tokens!r}")
+        if self.swap_mode not in {"auto", "lora", "merged"}:
+            raise ConfigError(f"swap_mode must be auto, lora or merged, not {self.swap_mode!r}")
+        if any("=" not in route for route in self.routes):
+            raise ConfigError("routes are MODEL=TARGET, e.g. gpt-4o-mini=policy")
         if self.credit_policy not in {"last", "broadcast", "discounted"}:
             raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
         if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:
@@ -163,9 +182,13 @@ def _is_tuple(f: dataclasses.Field[Any]) -> bool:
     return isinstance(f.default, tuple)
 
 
+# The value type of settings whose default is None (annotations are strings under postponed evaluation).
+_OPTIONAL_KINDS: dict[str, type] = {"Path | None": Path, "float | None": float, "int | None": int}
+
+
 def _coerce(name: str, value: Any) -> Any:
     f = next(f for f in fields() if f.name == name)
-    kind: type = type(f.default) if f.default is not None else str
+    kind: type = type(f.default) if f.default is not None else _OPTIONAL_KINDS.get(str(f.type), str)
     try:
         if _is_tuple(f):
             items = value.split(",") if isinstance(value, str) else value
@@ -183,6 +206,6 @@ def markdown_table() -> str:
     """The README's configuration table (``lightwire settings`` prints it; a test keeps the README in step)."""
     lines = ["| setting (TOML key) | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for f in fields():
-        default = "" if f.default in (None, ()) else f"`{f.default}`"
+        default = "" if f.default in (None, ()) else f"`{str(f.default).replace(str(Path.home()), '~')}`"
         lines.append(f"| `{f.name}` | `{flag_name(f)}` | `{env_name(f)}` | {default} | {f.metadata['help']} |")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ class Call:
         self.session_id: str | None = None
         self.session_source: str | None = None
         self.turn_index: int | None = None
+        self.adapter_version: str | None = None
         self.injected: Injected = NOTHING
         self.started = time.perf_counter()
         self.start_time = datetime.now(UTC)
@@ -132,6 +133,7 @@ class Call:
             error_message=self.error_message,
             turn_index=self.turn_index,
             session_source=self.session_source,
+            adapter_version=self.adapter_version,
         )
 
 
@@ -139,11 +141,19 @@ def _number(value: Any, kind: type) -> Any:
     return kind(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-async def forward(request: web.Request, call: Call, upstream: Upstream, config: Config) -> web.StreamResponse:
-    """Send the call upstream and relay the answer; on any outcome, ``call`` holds what happened."""
+async def forward(
+    request: web.Request, call: Call, upstream: Upstream, config: Config, *, model: str | None = None
+) -> web.StreamResponse:
+    """Send the call upstream and relay the answer; on any outcome, ``call`` holds what happened.
+
+    ``model`` replaces the requested model name (the policy serves versions under their own names); otherwise
+    the client's body goes out byte for byte unless token capture adds to it.
+    """
     payload = call.raw
+    body = call.body if model is None else {**call.body, "model": model}
     if await upstream.capture_tokens():
-        body, call.injected = protocol.ask_for_tokens(call.operation, call.body)
+        body, call.injected = protocol.ask_for_tokens(call.operation, body)
+    if body is not call.body:
         payload = orjson.dumps(body)
     call.provider = upstream.provider
     headers = upstream.headers(request.headers, traceparent=call.ids.traceparent)

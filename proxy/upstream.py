@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -46,14 +46,14 @@ class Upstream:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Callable[[], str],
         session: aiohttp.ClientSession,
         *,
         api_key: str | None = None,
         capture_tokens: str = "auto",
         forward_client_auth: bool = True,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self._base_url = base_url
         self.session = session
         self._api_key = api_key
         self._forward_client_auth = forward_client_auth
@@ -61,6 +61,12 @@ class Upstream:
         self.provider = "vllm" if self._capture else "openai"
         self._probe_lock = asyncio.Lock()
         self._next_probe = 0.0
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``; a managed server's port changes when it is restarted."""
+        base = self._base_url() if callable(self._base_url) else self._base_url
+        return base.rstrip("/")
 
     def url(self, path: str) -> str:
         return self.base_url + path

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,8 +145,13 @@ def build_env(options: VllmOptions) -> dict[str, str]:
 class VllmServer:
     """One vLLM server process on loopback, started, health-checked, restarted and stopped from asyncio."""
 
-    def __init__(self, options: VllmOptions) -> None:
+    def __init__(
+        self, options: VllmOptions, *, on_start: Callable[[VllmServer], Awaitable[None]] | None = None
+    ) -> None:
         self.options = options
+        #: Run once a fresh process is healthy and before it counts as ready, e.g. to load the served weights
+        #: again after a restart; an exception fails that start.
+        self.on_start = on_start
         self._process: asyncio.subprocess.Process | None = None
         self._exit: asyncio.Task[int] | None = None  # completes with the child's exit code
         self._port: int | None = None
@@ -215,6 +220,11 @@ class VllmServer:
         )
         try:
             await self._wait_healthy()
+            if self.on_start is not None:
+                try:
+                    await self.on_start(self)
+                except Exception as exc:
+                    raise VllmStartError(f"vLLM started but could not be prepared for serving: {exc}") from exc
         except BaseException:
             await self._terminate()
             raise

@@ -80,7 +80,8 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE spans ADD COLUMN adapter_version VARCHAR;  -- the adapter that served the call; null: base model
         CREATE TABLE adapters (
             version VARCHAR PRIMARY KEY,        -- v1, v2, ... never reused for other weights
-            path VARCHAR NOT NULL,              -- the adapter folder (peft) or merged model folder
+            path VARCHAR NOT NULL,              -- the adapter folder (peft), copied into the adapters directory
+            merged_path VARCHAR,                -- the base weights with it merged in (merged swap mode)
             parent VARCHAR,                     -- the version it was trained from
             algorithm VARCHAR,                  -- sft-filtered, kto, grpo, registered (by hand)...
             data JSON,                          -- where it came from: data window, hash, counts

@@ -1,0 +1,73 @@
+"""The adapter registry: one row per version in the ``adapters`` table, rewritten whole on every change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import duckdb
+import orjson
+
+STATUSES = ("candidate", "canary", "active", "retired", "failed")
+
+
+@dataclass(slots=True, frozen=True)
+class Adapter:
+    table: ClassVar[str] = "adapters"
+    replace: ClassVar[bool] = True
+
+    version: str
+    path: str
+    merged_path: str | None
+    parent: str | None
+    algorithm: str | None
+    data: str | None  # JSON
+    status: str
+    served_name: str | None
+    metrics: str | None  # JSON
+    message: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def to_row(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def with_status(self, status: str, message: str | None = None, **changes: Any) -> Adapter:
+        assert status in STATUSES, status
+        return replace(self, status=status, message=message, updated_at=datetime.now(UTC), **changes)
+
+    def public(self) -> dict[str, Any]:
+        """The row as the admin API shows it."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("data", "metrics"):
+            out[key] = orjson.loads(out[key]) if out[key] else None
+        for key in ("created_at", "updated_at"):
+            out[key] = out[key].isoformat()
+        return out
+
+
+def new_adapter(
+    version: str, path: str, *, parent: str | None, algorithm: str | None, data: dict[str, Any] | None = None
+) -> Adapter:
+    now = datetime.now(UTC)
+    return Adapter(
+        version=version,
+        path=path,
+        merged_path=None,
+        parent=parent,
+        algorithm=algorithm,
+        data=orjson.dumps(data).decode() if data is not None else None,
+        status="candidate",
+        served_name=None,
+        metrics=None,
+        message=None,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def load_all(con: duckdb.DuckDBPyConnection) -> list[Adapter]:
+    names = [f.name for f in fields(Adapter)]
+    rows = con.execute(f"SELECT {', '.join(names)} FROM adapters ORDER BY created_at").fetchall()
+    return [Adapter(**dict(zip(names, row, strict=True))) for row in rows]
