@@ -5,7 +5,8 @@ Every step talks to vLLM over its HTTP API only:
 * **register**: check the folder (``optimizers.checks``), copy it into the adapters directory under a new
   version name (``v1``, ``v2``... never reused, so a name always means the same weights), record it as a
   candidate.
-* **activate**, ``lora`` mode: load it into every replica under ``lw-<version>``, check that each lists it and
+* **activate**, ``lora`` mode: load it into every replica under ``lw-<version>-<hash of its weights>`` (two
+  sidecars sharing a vLLM never mix up their ``v1``s), check that each lists it and
   answers a one-token request with it, then switch routing at once. The version it replaces stays loaded (for a
   fast rollback); older ones are unloaded once their last call has finished.
 * **activate**, ``merged`` mode: merge it into its parent's weights in a separate process, then, replica by
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -33,7 +35,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from optimizers.checks import AdapterRejected, base_linear_modules, check_adapter
+from optimizers.checks import WEIGHTS_FILE, AdapterRejected, base_linear_modules, check_adapter
 from proxy.errors import HTTPError, InvalidRequest, NotFound, UpstreamError
 from proxy.policy import Policy, Replica, Version
 from store.adapters import Adapter, new_adapter
@@ -89,10 +91,11 @@ class Publisher:
         async with self._lock:
             version = f"v{len(self.adapters) + 1}"
             folder = self.adapters_dir / version / "adapter"
-            await asyncio.to_thread(_copy_folder, path, folder)
+            digest = await asyncio.to_thread(_copy_folder, path, folder)
             adapter = new_adapter(
                 version,
                 str(folder),
+                lora_name=f"lw-{version}-{digest[:8]}",
                 parent=parent or self.policy.active.version,
                 algorithm=algorithm or "registered",
                 data=data,
@@ -117,9 +120,7 @@ class Publisher:
             self._retire_later()
             previous = self.policy.history[-1]
             await self._set_status(previous.version, "retired", f"replaced by {version}")
-            return await self._record(
-                adapter.with_status("active", served_name=target.served_name, merged_path=_str(target.merged_path))
-            )
+            return await self._record(adapter.with_status("active", merged_path=_str(target.merged_path)))
 
     async def start_canary(self, version: str, fraction: float) -> Adapter:
         if not 0 < fraction <= 1:
@@ -131,7 +132,7 @@ class Publisher:
             self.policy.start_canary(target, fraction)
             if previous is not None and previous.version != version:
                 await self._set_status(previous.version, "candidate", "replaced by another canary")
-            return await self._record(adapter.with_status("canary", served_name=target.served_name))
+            return await self._record(adapter.with_status("canary"))
 
     async def rollback(self) -> dict[str, Any]:
         """Stop a running canary, or else return to the previous active version."""
@@ -147,6 +148,7 @@ class Publisher:
                 left, _ = await self._reload_all(previous.merged_path, self.policy.roll_back)
             else:
                 left, _ = self.policy.roll_back()
+                self._unload_later([left])
             await self._set_status(left.version, "retired", "rolled back")
             if previous.version is not None:
                 await self._set_status(previous.version, "active", None)
@@ -174,7 +176,7 @@ class Publisher:
     # -- steps ------------------------------------------------------------------------------------------------
 
     async def _load_lora(self, adapter: Adapter) -> Version:
-        target = Version(adapter.version, f"lw-{adapter.version}", lora_path=Path(adapter.path))
+        target = self._version(adapter, as_lora=True)
         loaded = []
         try:
             for replica in self.policy.replicas:
@@ -250,18 +252,22 @@ class Publisher:
         await self._vllm(replica, "/v1/chat/completions", {"model": name, **PROBE})
 
     def _retire_later(self) -> None:
-        """Unload LoRA versions no longer active, canary or previous, once their last call has finished."""
+        """Unload LoRA versions no longer active, canary or previous."""
         keep = {self.policy.active, self.policy.canary, *self.policy.history[-1:]}
-        old = [v for v in self.policy.history[:-1] if v.lora_path is not None and v not in keep]
+        self._unload_later([v for v in self.policy.history[:-1] if v.lora_path is not None and v not in keep])
 
-        async def retire() -> None:
-            for version in old:
+    def _unload_later(self, versions: list[Version]) -> None:
+        """Unload LoRA versions from every replica once their last call has finished."""
+        versions = [v for v in versions if v.lora_path is not None]
+
+        async def unload() -> None:
+            for version in versions:
                 await self.policy.drained(version)
                 for replica in self.policy.replicas:
                     await self._unload(replica, version.served_name)
 
-        if old:
-            task = asyncio.create_task(retire())
+        if versions:
+            task = asyncio.create_task(unload())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -308,17 +314,19 @@ class Publisher:
         except KeyError:
             raise NotFound(f"No adapter version {version!r}.", param="version") from None
 
-    def _version(self, adapter: Adapter) -> Version:
-        if adapter.merged_path:
+    def _version(self, adapter: Adapter, *, as_lora: bool = False) -> Version:
+        if adapter.merged_path and not as_lora:
             return Version(adapter.version, self.policy.base.served_name, merged_path=Path(adapter.merged_path))
-        return Version(adapter.version, f"lw-{adapter.version}", lora_path=Path(adapter.path))
+        return Version(adapter.version, adapter.served_name or "", lora_path=Path(adapter.path))
 
 
-def _copy_folder(source: Path, target: Path) -> None:
+def _copy_folder(source: Path, target: Path) -> str:
+    """Copy an adapter folder; return the sha256 of its weights."""
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target)
+    return hashlib.sha256((target / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
 def _str(path: Path | None) -> str | None:

@@ -36,6 +36,7 @@ from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
 from proxy.upstream import response_headers
 from store import queries
+from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
 from store.writer import Record, Writer
@@ -95,7 +96,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     writer = Writer(
         config.db,
-        kinds=[Span, Feedback, SessionEnd],
+        kinds=[Span, Feedback, SessionEnd, Adapter],
         max_pending=config.max_pending_spans,
         on_commit=export if exporter else None,
     )

@@ -48,7 +48,13 @@ class Adapter:
 
 
 def new_adapter(
-    version: str, path: str, *, parent: str | None, algorithm: str | None, data: dict[str, Any] | None = None
+    version: str,
+    path: str,
+    *,
+    lora_name: str,
+    parent: str | None,
+    algorithm: str | None,
+    data: dict[str, Any] | None = None,
 ) -> Adapter:
     now = datetime.now(UTC)
     return Adapter(
@@ -59,7 +65,7 @@ def new_adapter(
         algorithm=algorithm,
         data=orjson.dumps(data).decode() if data is not None else None,
         status="candidate",
-        served_name=None,
+        served_name=lora_name,
         metrics=None,
         message=None,
         created_at=now,

@@ -86,7 +86,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             algorithm VARCHAR,                  -- sft-filtered, kto, grpo, registered (by hand)...
             data JSON,                          -- where it came from: data window, hash, counts
             status VARCHAR NOT NULL,            -- candidate | canary | active | retired | failed
-            served_name VARCHAR,                -- the name vLLM serves it under
+            served_name VARCHAR,                -- its LoRA name in vLLM (lw-<version>-<weights hash>)
             metrics JSON,                       -- evaluation results
             message VARCHAR,                    -- why it failed or was retired
             created_at TIMESTAMPTZ NOT NULL,

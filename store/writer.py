@@ -116,6 +116,8 @@ class Writer:
 
     def submit(self, record: Record) -> None:
         """Queue a row whose place was reserved; never blocks."""
+        if record.table not in self._inserts:
+            raise ValueError(f"this writer does not write {record.table!r} rows")
         self._queue.put(record)
 
     @property
@@ -169,13 +171,13 @@ class Writer:
                 log.error("store write of %d rows failed (%s); retrying in %.2f s", len(batch), exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except duckdb.Error:
+            except Exception:
                 # A row the schema refuses (a bug): write the others one by one, set the bad ones aside.
                 for table, table_rows in rows.items():
                     for row in table_rows:
                         try:
                             self._insert(con, {table: [row]})
-                        except duckdb.Error:
+                        except Exception:
                             log.exception("%s row refused by the store", table)
                             self._reject(row)
                 break

@@ -44,3 +44,23 @@ async def vllm_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPat
     )
     async with VllmServer(options).running(wait_ready=True) as server:
         yield server
+
+
+def make_adapter(model_dir: Path, out: Path, *, rank: int = 8, seed: int = 0) -> Path:
+    """A real peft LoRA adapter for the model with random, non-zero weights: it changes the model's answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    config = LoraConfig(
+        r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_adapter(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(embedded_model_dir, tmp_path_factory.mktemp("adapters") / "random")
