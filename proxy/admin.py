@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,11 @@ CHUNK_BYTES = 1 << 20
 CONNECT_TIMEOUT = 10.0  # seconds to reach the sidecar; an export itself may take long
 
 
+def add_routes(router: web.UrlDispatcher, *, writer: web.AppKey[Writer], config: web.AppKey[Config]) -> None:
+    """Add the routes, given the keys under which the application holds its store writer and settings."""
+    router.add_routes(AdminApi(writer=writer, config=config).routes())
+
+
 class AdminApi:
     """The ``/admin/`` routes, over the store writer and settings an application holds under these keys."""
 
@@ -51,9 +58,9 @@ class AdminApi:
         self._config = config
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/admin/export", self.export), web.get("/admin/stats", self.stats)]
+        return [web.get("/admin/export", self.get_export), web.get("/admin/stats", self.get_stats)]
 
-    async def export(self, request: web.Request) -> web.StreamResponse:
+    async def get_export(self, request: web.Request) -> web.StreamResponse:
         config, writer = request.app[self._config], request.app[self._writer]
         options = _query_options(request.query, config)
         with tempfile.TemporaryDirectory(dir=config.db.parent, prefix=".lightwire-export-") as tmp:
@@ -74,7 +81,7 @@ class AdminApi:
             await response.write_eof()
             return response
 
-    async def stats(self, request: web.Request) -> web.Response:
+    async def get_stats(self, request: web.Request) -> web.Response:
         config, writer = request.app[self._config], request.app[self._writer]
         policy, discount, name = _query_credit(request.query, config)
 
@@ -95,7 +102,10 @@ def _query_credit(query: Mapping[str, str], config: Config) -> tuple[str, float,
         discount = float(query.get("discount", config.discount))
     except ValueError:
         raise InvalidRequest("discount must be a number.", param="discount") from None
-    return query.get("credit_policy", config.credit_policy), discount, query.get("reward_name", credit.DEFAULT_NAME)
+    policy = query.get("credit_policy", config.credit_policy)
+    if policy not in credit.POLICIES:
+        raise InvalidRequest(f"credit_policy must be one of {', '.join(credit.POLICIES)}.", param="credit_policy")
+    return policy, discount, query.get("reward_name", credit.DEFAULT_NAME)
 
 
 def _query_options(query: Mapping[str, str], config: Config) -> export.Options:
@@ -152,7 +162,9 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source = parser.add_argument_group("where the store is")
     source.add_argument("--config", type=Path, help="TOML file with settings (keys as in the README table).")
-    source.add_argument("--db", type=Path, help="DuckDB file to read when no sidecar holds it.")
+    source.add_argument(
+        "--db", type=Path, help="DuckDB file to read when no sidecar holds it (default: the db setting)."
+    )
     source.add_argument("--url", help="The sidecar to ask when it holds the file (default: its host and port).")
     source.add_argument("--admin-key", help="Key for the sidecar's admin API (default: LIGHTWIRE_ADMIN_KEY).")
 
@@ -177,8 +189,9 @@ def export_main(args: argparse.Namespace) -> None:
             meta = export.write(con, args.out, options)
         source = str(config.db)
     else:
-        source = _base_url(args, config)
-        meta = asyncio.run(_remote_export(source, config.admin_key, args.out, options))
+        sidecar = _sidecar(args, config)
+        meta = asyncio.run(sidecar.export(args.out, options))
+        source = sidecar.base_url
     print(
         f"{meta['records']} records ({meta['splits']['train']} train, {meta['splits']['heldout']} heldout) "
         f"from {source} to {args.out}, metadata in {export.meta_path(args.out)}"
@@ -199,8 +212,7 @@ def stats_main(args: argparse.Namespace) -> None:
             "discount": str(config.discount),
             "reward_name": args.reward_name,
         }
-        body = asyncio.run(_remote_get(_base_url(args, config), "/admin/stats", params, config.admin_key))
-        result = stats.Stats.from_dict(orjson.loads(body))
+        result = asyncio.run(_sidecar(args, config).stats(params))
     print(
         orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else stats.format_text(result)
     )
@@ -225,73 +237,81 @@ def _settings(args: argparse.Namespace) -> Config:
         raise SystemExit(f"lightwire: {exc}") from None
 
 
-def _base_url(args: argparse.Namespace, config: Config) -> str:
+def _sidecar(args: argparse.Namespace, config: Config) -> Sidecar:
     if args.url:
-        return str(args.url).rstrip("/").removesuffix("/v1")
-    host = "127.0.0.1" if config.host in {"0.0.0.0", "::", ""} else config.host
-    return f"http://{host}:{config.port}"
+        base_url = str(args.url).rstrip("/").removesuffix("/v1")
+    else:
+        host = "127.0.0.1" if config.host in {"0.0.0.0", "::", ""} else config.host
+        base_url = f"http://{host}:{config.port}"
+    return Sidecar(base_url, config.admin_key, config.db)
 
 
-async def _remote_export(base_url: str, key: str | None, out: Path, options: export.Options) -> dict[str, Any]:
-    """Fetch the dataset from the sidecar into ``out``, check its sha256, and write its metadata."""
-    params = {
-        "format": options.format,
-        "credit_policy": options.credit_policy,
-        "discount": str(options.discount),
-        "reward_name": options.reward_name,
-        "session_split": str(options.session_split),
-    }
-    if options.since is not None:
-        params["since"] = options.since.isoformat()
-    if options.min_reward is not None:
-        params["min_reward"] = str(options.min_reward)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.part")
-    digest = hashlib.sha256()
-    async with _session() as http:
+@dataclass(frozen=True)
+class Sidecar:
+    """The sidecar holding the store, asked over its admin API."""
+
+    base_url: str
+    key: str | None
+    db: Path  # the file it holds, for messages
+
+    async def export(self, out: Path, options: export.Options) -> dict[str, Any]:
+        """Fetch the dataset into ``out``, check its sha256, and write its metadata next to it."""
+        params = {
+            "format": options.format,
+            "credit_policy": options.credit_policy,
+            "discount": str(options.discount),
+            "reward_name": options.reward_name,
+            "session_split": str(options.session_split),
+        }
+        if options.since is not None:
+            params["since"] = options.since.isoformat()
+        if options.min_reward is not None:
+            params["min_reward"] = str(options.min_reward)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f".{out.name}.part")
+        digest = hashlib.sha256()
         try:
-            async with http.get(base_url + "/admin/export", params=params, headers=_auth(key)) as resp:
-                await _raise_for_status(resp, base_url)
+            async with self._get("/admin/export", params) as resp:
                 meta: dict[str, Any] = json.loads(resp.headers[META_HEADER])
                 with open(partial, "wb") as fh:
                     async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
                         fh.write(chunk)
                         digest.update(chunk)
-        except aiohttp.ClientError as exc:
+            if digest.hexdigest() != meta["sha256"]:
+                raise SystemExit("lightwire export: the file received does not match the sidecar's sha256")
+            os.replace(partial, out)
+        finally:
             partial.unlink(missing_ok=True)
-            raise SystemExit(f"lightwire: the store is in use and the sidecar at {base_url} failed: {exc}") from None
-    if digest.hexdigest() != meta["sha256"]:
-        partial.unlink()
-        raise SystemExit("lightwire export: the file received does not match the sidecar's sha256")
-    os.replace(partial, out)
-    export.write_meta(out, meta)
-    return meta
+        export.write_meta(out, meta)
+        return meta
+
+    async def stats(self, params: dict[str, str]) -> stats.Stats:
+        async with self._get("/admin/stats", params) as resp:
+            return stats.Stats.from_dict(orjson.loads(await resp.read()))
+
+    @contextlib.asynccontextmanager
+    async def _get(self, path: str, params: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A successful response, or :class:`SystemExit` with what went wrong."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            try:
+                async with http.get(self.base_url + path, params=params, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise SystemExit(f"lightwire: the sidecar at {self.base_url} answered {await _message(resp)}")
+                    yield resp
+            except aiohttp.ClientError as exc:
+                state = "is held by another process" if self.db.exists() else "does not exist"
+                raise SystemExit(
+                    f"lightwire: {self.db} {state}, and the sidecar at {self.base_url} failed: {exc}"
+                ) from None
 
 
-async def _remote_get(base_url: str, path: str, params: dict[str, str], key: str | None) -> bytes:
-    async with _session() as http:
-        try:
-            async with http.get(base_url + path, params=params, headers=_auth(key)) as resp:
-                await _raise_for_status(resp, base_url)
-                return await resp.read()
-        except aiohttp.ClientError as exc:
-            raise SystemExit(f"lightwire: the store is in use and the sidecar at {base_url} failed: {exc}") from None
-
-
-def _session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT))
-
-
-def _auth(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-async def _raise_for_status(resp: aiohttp.ClientResponse, base_url: str) -> None:
-    if resp.status == 200:
-        return
+async def _message(resp: aiohttp.ClientResponse) -> str:
+    """The status and message of an error response (OpenAI's shape, or any text)."""
     body = await resp.read()
     try:
         message = orjson.loads(body)["error"]["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = body[:500].decode("utf-8", "replace")
-    raise SystemExit(f"lightwire: the sidecar at {base_url} answered {resp.status}: {message}")
+    return f"{resp.status}: {message}"

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import adapters_api, protocol
+from proxy import adapters_api, admin, protocol
 from proxy.backends import BACKENDS, POLICY, Backends, backends
 from proxy.config import Config
 from proxy.errors import (
@@ -71,6 +71,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/feedback", post_feedback)
     app.router.add_post("/sessions/{session}/end", end_session)
     adapters_api.add_routes(app.router)
+    admin.add_routes(app.router, writer=WRITER, config=CONFIG)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from proxy import admin
 from proxy import config as settings
 from proxy.errors import ConfigError
 
@@ -19,6 +20,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="Run the proxy: forward model calls and record them.")
     settings.add_arguments(serve)
     commands.add_parser("settings", help="Print every setting as a Markdown table.")
+    admin.add_export_arguments(commands.add_parser("export", help="Write a training dataset and its metadata."))
+    admin.add_stats_arguments(commands.add_parser("stats", help="Show calls, sessions and rewards."))
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings.markdown_table())
@@ -32,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if args.command == "serve":
         serve_forever(config)
+    elif args.command == "export":
+        admin.export_main(args)
+    elif args.command == "stats":
+        admin.stats_main(args)
 
 
 def serve_forever(config: settings.Config) -> None:
