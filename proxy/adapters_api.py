@@ -11,11 +11,16 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 from pathlib import Path
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 from optimizers.publish import Publisher
+from proxy.admin import settings_of, sidecar
 from proxy.backends import BACKENDS
 from proxy.errors import InvalidRequest, json_response
 from proxy.feedback import json_object
@@ -75,3 +80,54 @@ async def canary(request: web.Request) -> web.Response:
 
 async def rollback(request: web.Request) -> web.Response:
     return json_response(await _publisher(request).rollback())
+
+
+# -- lightwire adapters ...: the same operations from the command line, through a running sidecar ---------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with settings (keys as in the README table).")
+    parser.add_argument("--url", help="The sidecar (default: its host and port from the settings).")
+    parser.add_argument("--admin-key", help="Key for the sidecar's admin API (default: LIGHTWIRE_ADMIN_KEY).")
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="Every version with its status.")
+    register = actions.add_parser("register", help="Check a peft adapter folder and record it as a candidate.")
+    register.add_argument("path", type=Path, help="the adapter folder (on the sidecar's machine)")
+    register.add_argument("--parent", help="the version it was trained from (default: the active one)")
+    register.add_argument("--algorithm", help="how it was made, for the record")
+    for name, text in (
+        ("activate", "Serve a version to every new session."),
+        ("canary", "Serve a version to a fraction of sessions."),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("version")
+        if name == "canary":
+            action.add_argument("--fraction", type=float, default=0.1, help="share of sessions (default 0.1)")
+    actions.add_parser("rollback", help="Stop the canary, or return to the previous active version.")
+
+
+def cli_main(args: argparse.Namespace) -> None:
+    client = sidecar(args, settings_of(args))
+    body: dict[str, Any] | None = {}
+    match args.action:
+        case "list":
+            method, path, body = "GET", "/admin/adapters", None
+        case "register":
+            method, path = "POST", "/admin/adapters"
+            body = {"path": str(args.path.resolve()), "parent": args.parent, "algorithm": args.algorithm}
+        case "activate":
+            method, path = "POST", f"/admin/adapters/{args.version}/activate"
+        case "canary":
+            method, path, body = "POST", f"/admin/adapters/{args.version}/canary", {"fraction": args.fraction}
+        case _:
+            method, path = "POST", "/admin/rollback"
+    answer = asyncio.run(client.call(method, path, body))
+    if args.action == "list":
+        print(f"mode {answer['mode']}, active {answer['active']}, canary {answer['canary'] or '-'}")
+        for a in answer["data"]:
+            print(
+                f"{a['version']:>5}  {a['status']:<9}  {a['algorithm'] or '':<14} parent {a['parent'] or 'base':<5}"
+                f"  {a['created_at'][:19]}  {a['message'] or ''}"
+            )
+    else:
+        print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())

@@ -170,7 +170,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace) -> None:
-    config = _settings(args)
+    config = settings_of(args)
     try:
         options = export.Options(
             format=args.format,
@@ -189,9 +189,9 @@ def export_main(args: argparse.Namespace) -> None:
             meta = export.write(con, args.out, options)
         source = str(config.db)
     else:
-        sidecar = _sidecar(args, config)
-        meta = asyncio.run(sidecar.export(args.out, options))
-        source = sidecar.base_url
+        remote = sidecar(args, config)
+        meta = asyncio.run(remote.export(args.out, options))
+        source = remote.base_url
     print(
         f"{meta['records']} records ({meta['splits']['train']} train, {meta['splits']['heldout']} heldout) "
         f"from {source} to {args.out}, metadata in {export.meta_path(args.out)}"
@@ -199,7 +199,7 @@ def export_main(args: argparse.Namespace) -> None:
 
 
 def stats_main(args: argparse.Namespace) -> None:
-    config = _settings(args)
+    config = settings_of(args)
     con = open_read_only(config.db)
     if con is not None:
         with con:
@@ -212,7 +212,7 @@ def stats_main(args: argparse.Namespace) -> None:
             "discount": str(config.discount),
             "reward_name": args.reward_name,
         }
-        result = asyncio.run(_sidecar(args, config).stats(params))
+        result = asyncio.run(sidecar(args, config).stats(params))
     print(
         orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else stats.format_text(result)
     )
@@ -230,14 +230,14 @@ def open_read_only(path: Path) -> duckdb.DuckDBPyConnection | None:
         raise SystemExit(f"lightwire: cannot open {path}: {exc}") from None
 
 
-def _settings(args: argparse.Namespace) -> Config:
+def settings_of(args: argparse.Namespace) -> Config:
     try:
         return settings.load(args)
     except ConfigError as exc:
         raise SystemExit(f"lightwire: {exc}") from None
 
 
-def _sidecar(args: argparse.Namespace, config: Config) -> Sidecar:
+def sidecar(args: argparse.Namespace, config: Config) -> Sidecar:
     if args.url:
         base_url = str(args.url).rstrip("/").removesuffix("/v1")
     else:
@@ -289,14 +289,23 @@ class Sidecar:
         async with self._get("/admin/stats", params) as resp:
             return stats.Stats.from_dict(orjson.loads(await resp.read()))
 
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Any admin endpoint's JSON answer."""
+        async with self._get(path, {}, method=method, body=body) as resp:
+            return orjson.loads(await resp.read())
+
     @contextlib.asynccontextmanager
-    async def _get(self, path: str, params: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _get(
+        self, path: str, params: dict[str, str], *, method: str = "GET", body: dict[str, Any] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A successful response, or :class:`SystemExit` with what went wrong."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         async with aiohttp.ClientSession(timeout=timeout) as http:
             try:
-                async with http.get(self.base_url + path, params=params, headers=headers) as resp:
+                async with http.request(
+                    method, self.base_url + path, params=params, headers=headers, json=body
+                ) as resp:
                     if resp.status != 200:
                         raise SystemExit(f"lightwire: the sidecar at {self.base_url} answered {await _message(resp)}")
                     yield resp

@@ -31,6 +31,7 @@ from proxy.errors import (
     json_response,
 )
 from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
+from proxy.hooks import HOOKS, HookRunner
 from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
 from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
@@ -59,10 +60,15 @@ NAMED_SESSION_SOURCES = frozenset({"header", "path", "traceparent"})
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
     app[CONFIG] = config
+    hooks = HookRunner(config, group_timeout=config.group_timeout)  # a bad hook name is a ConfigError here
+    if hooks.active:
+        app[HOOKS] = hooks
     if config.otlp_endpoint:
         app.cleanup_ctx.append(exporter_ctx)
     app.cleanup_ctx.append(writer_ctx)
     app.cleanup_ctx.append(sessions_ctx)
+    if hooks.active:
+        app.cleanup_ctx.append(hooks_ctx)  # stops before the feedback desk and the writer it scores through
     app.cleanup_ctx.append(backends_ctx)
     for prefix in ("", "/s/{session}"):
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
@@ -89,17 +95,19 @@ async def exporter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    exporter = app.get(EXPORTER)
+    exporter, hooks = app.get(EXPORTER), app.get(HOOKS)
 
-    def export(records: list[Record]) -> None:
-        assert exporter is not None
-        exporter.export([r.span for r in records if isinstance(r, Call) and isinstance(r.span, Span)])
+    def on_commit(records: list[Record]) -> None:
+        if exporter is not None:
+            exporter.export([r.span for r in records if isinstance(r, Call) and isinstance(r.span, Span)])
+        if hooks is not None:
+            hooks.committed(records)
 
     writer = Writer(
         config.db,
         kinds=[Span, Feedback, SessionEnd, Adapter],
         max_pending=config.max_pending_spans,
-        on_commit=export if exporter else None,
+        on_commit=on_commit if exporter or hooks else None,
     )
     writer.open()
     app[WRITER] = writer
@@ -116,6 +124,11 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
+
+
+async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with app[HOOKS].run(app[WRITER], app[FEEDBACK_DESK]):
+        yield
 
 
 async def close_idle_sessions(app: web.Application) -> None:
@@ -259,6 +272,8 @@ async def healthz(request: web.Request) -> web.Response:
     """Liveness, and what is being served: always 200 while the process works."""
     writer, found = request.app[WRITER], request.app[BACKENDS]
     body: dict[str, Any] = {"status": "ok", "spans_written": writer.written, "spans_pending": writer.pending}
+    if HOOKS in request.app:
+        body["hooks"] = request.app[HOOKS].stats()
     if found.policy is not None:
         policy = found.policy
         body["policy"] = {

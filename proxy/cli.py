@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from proxy import admin
+from proxy import adapters_api, admin
 from proxy import config as settings
 from proxy.errors import ConfigError
 
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("settings", help="Print every setting as a Markdown table.")
     admin.add_export_arguments(commands.add_parser("export", help="Write a training dataset and its metadata."))
     admin.add_stats_arguments(commands.add_parser("stats", help="Show calls, sessions and rewards."))
+    adapters_api.add_cli_arguments(commands.add_parser("adapters", help="List, register, activate, canary, roll back."))
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings.markdown_table())
@@ -34,11 +35,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if args.command == "serve":
-        serve_forever(config)
+        try:
+            serve_forever(config)
+        except ConfigError as exc:  # found while building the app, e.g. a reward hook that does not import
+            parser.error(str(exc))
     elif args.command == "export":
         admin.export_main(args)
     elif args.command == "stats":
         admin.stats_main(args)
+    elif args.command == "adapters":
+        adapters_api.cli_main(args)
 
 
 def serve_forever(config: settings.Config) -> None:

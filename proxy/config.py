@@ -95,6 +95,9 @@ class Config:
         flag="--group-hook",
     )
     group_size: int = setting(4, "Ended sessions of one task a group hook waits for.")
+    group_timeout: float = setting(
+        600.0, "Seconds after a task's first session ended that a partial group (2 or more) is scored."
+    )
     judge_model: str = setting(
         "openai/gpt-4o-mini", "litellm model name the LLM-as-judge hook asks (keys from the environment)."
     )

@@ -24,7 +24,8 @@ flight when its session is ended is not).
 *Failures.* A hook that raises, returns something else or takes over ``HOOK_TIMEOUT`` seconds is logged with its
 traceback and tried again after an exponential backoff, up to ``hook_retries`` attempts. Scoring never holds up
 serving: jobs wait in a bounded queue (``MAX_JOBS``), and when it is full a job is dropped (logged), never a
-span. At shutdown, queued jobs get ``DRAIN_TIMEOUT`` seconds; groups still filling are not scored.
+span. At shutdown, queued jobs get ``DRAIN_TIMEOUT`` seconds; calls committed after that and groups still
+filling are not scored. ``GET /healthz`` shows the counts (``hooks``: queued, running, done, failed...).
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ class HookRunner:
                     del self._groups[key]
                     if len(group.sessions) >= 2:
                         self._score_group(group)
+                    else:
+                        log.debug("reward hooks: no other session of task %r came; not scored", group.task[:80])
 
     def _score_group(self, group: _Group) -> None:
         for hook in self.hooks[GROUP]:

@@ -27,7 +27,7 @@ async def complete(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """One chat completion from ``model`` (a litellm name, ``provider/model``), as an OpenAI-shaped dict."""
-    litellm = _litellm or await asyncio.to_thread(_load)
+    litellm = _litellm if _litellm is not None else await asyncio.to_thread(_load)
     response = await litellm.acompletion(model=model, messages=messages, api_base=api_base, api_key=api_key, **kwargs)
     return dict(response.model_dump())
 

@@ -12,7 +12,11 @@ Each request may steer it with headers (the proxy passes unknown headers through
 ``x-fake-truncate-after``  end the body cleanly after n chunks, without ``[DONE]``
 ``x-fake-drop-after: n``   drop the TCP connection after n chunks
 ``x-fake-garble-after: n`` send a chunk that is not JSON after n chunks
+``x-fake-content: text``   answer with this content (streams: cut into the chunks)
 =========================  ==========================================================================
+
+``replies`` maps a model name to the content answered to requests for that model, like ``x-fake-content``, for
+clients that cannot set headers (an LLM judge called through litellm).
 
 With ``vllm=True`` it behaves like vLLM where the proxy cares: ``/v1/models`` says ``owned_by: vllm`` and
 ``return_token_ids`` / ``logprobs`` are honoured, in streams too. Run it alone with
@@ -47,6 +51,7 @@ class FakeUpstream:
     vllm: bool = False
     requests: list[Seen] = field(default_factory=list)
     disconnects: int = 0  # requests whose client went away before the response was complete
+    replies: dict[str, str] = field(default_factory=dict)  # model -> content of its answers
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -99,16 +104,17 @@ class FakeUpstream:
                 headers = {"Retry-After": h["x-fake-retry-after"]} if "x-fake-retry-after" in h else {}
                 error = {"error": {"message": f"fake failure {status}", "type": "fake_error", "code": status}}
                 return web.json_response(error, status=status, headers=headers)
+            content = h.get("x-fake-content", self.replies.get(body.get("model", "")))
             if body.get("stream"):
-                return await self._stream(request, operation, body)
-            return web.json_response(self._completion(operation, body))
+                return await self._stream(request, operation, body, content)
+            return web.json_response(self._completion(operation, body, content))
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects += 1
             raise
 
-    def _completion(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _completion(self, operation: str, body: dict[str, Any], content: str | None = None) -> dict[str, Any]:
         n = int(body.get("n") or 1)
-        text = "".join(WORDS[:5])
+        text = "".join(WORDS[:5]) if content is None else content
         tokens = list(range(100, 105))
         choices = []
         for i in range(n):
@@ -153,9 +159,12 @@ class FakeUpstream:
             response["prompt_token_ids"] = PROMPT_IDS
         return response
 
-    async def _stream(self, request: web.Request, operation: str, body: dict[str, Any]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, operation: str, body: dict[str, Any], content: str | None = None
+    ) -> web.StreamResponse:
         h = request.headers
         chunks = int(h.get("x-fake-chunks", 5))
+        words = WORDS if content is None else _pieces(content, chunks)
         delay = float(h.get("x-fake-chunk-delay", 0))
         limits = {
             k: int(h[f"x-fake-{k}-after"]) for k in ("stall", "truncate", "drop", "garble") if f"x-fake-{k}-after" in h
@@ -178,7 +187,8 @@ class FakeUpstream:
                 await out.write(b"data: {this is not json\n\n")
             last = i == chunks
             for c in range(n):
-                await out.write(b"data: " + orjson.dumps(self._chunk(operation, body, ident, i, c, last)) + b"\n\n")
+                chunk = self._chunk(operation, body, ident, i, c, last, words)
+                await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             if delay and not last:
                 await asyncio.sleep(delay)
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -195,8 +205,10 @@ class FakeUpstream:
         await out.write_eof()
         return out
 
-    def _chunk(self, operation: str, body: dict[str, Any], ident: str, i: int, c: int, last: bool) -> dict[str, Any]:
-        word = WORDS[i % len(WORDS)]
+    def _chunk(
+        self, operation: str, body: dict[str, Any], ident: str, i: int, c: int, last: bool, words: list[str] = WORDS
+    ) -> dict[str, Any]:
+        word = words[i % len(words)]
         choice: dict[str, Any] = {"index": c, "finish_reason": "stop" if last else None, "logprobs": None}
         tools = body.get("tools")
         if operation == "chat":
@@ -243,6 +255,12 @@ class FakeUpstream:
         if self.vllm and body.get("return_token_ids") and i == 0 and c == 0:
             chunk["prompt_token_ids"] = PROMPT_IDS
         return chunk
+
+
+def _pieces(text: str, n: int) -> list[str]:
+    """``text`` cut into ``n`` consecutive pieces (some empty when it is short)."""
+    n = max(n, 1)
+    return [text[k * len(text) // n : (k + 1) * len(text) // n] for k in range(n)]
 
 
 async def _serve(port: int, vllm: bool) -> None:

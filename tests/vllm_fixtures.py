@@ -2,7 +2,7 @@
 
 Import the fixtures into a test module (``from tests.vllm_fixtures import vllm_server``) and mark its tests
 ``@pytest.mark.asyncio(loop_scope="session")``: the server lives in the session's event loop. Converting the
-model takes ~30 s once per cache directory (``LIGHTWIRE_CACHE``, default ``~/.cache/lightwire``); starting
+model takes ~30 s once per cache directory (``LIGHTWIRE_CACHE_DIR``, default ``~/.cache/lightwire``); starting
 vLLM takes 40-90 s on two cores.
 """
 
@@ -24,7 +24,7 @@ VLLM_SETUP_TIMEOUT_S = 600
 
 def cache_dir() -> Path:
     """The directory where the embedded model is converted once and kept."""
-    configured = os.environ.get("LIGHTWIRE_CACHE")
+    configured = os.environ.get("LIGHTWIRE_CACHE_DIR")
     return Path(configured) if configured else Path.home() / ".cache" / "lightwire"
 
 
