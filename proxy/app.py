@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import adapters_api, admin, protocol
-from proxy.backends import BACKENDS, POLICY, Backends, backends
+from proxy import adapters_api, admin, protocol, providers
+from proxy.backends import BACKENDS, POLICY, UPSTREAM, Backends, backends
 from proxy.config import Config
 from proxy.errors import (
     BackendUnavailable,
@@ -216,8 +216,10 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     try:
         if target == POLICY:
             return await _forward_to_policy(request, call, found)
-        assert found.upstream is not None
-        return await forward(request, call, found.upstream, request.app[CONFIG])
+        if target == UPSTREAM:
+            assert found.upstream is not None
+            return await forward(request, call, found.upstream, request.app[CONFIG])
+        return await providers.forward(request, call, target, request.app[CONFIG])
     except HTTPError as exc:
         call.fail(exc.status, exc.code or exc.type, exc.message)
         exc.headers[SPAN_HEADER] = call.ids.span_id

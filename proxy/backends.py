@@ -5,9 +5,11 @@
   listens at once and answers 503 with ``Retry-After`` until the model is ready.
 * ``--vllm URL`` (repeatable) serves the policy from vLLM servers that run elsewhere, one per replica.
 * ``--upstream URL`` forwards to any OpenAI-compatible server, untouched.
+* ``--provider-model NAME`` (repeatable) makes a litellm model callable, e.g. ``openai/gpt-4o-mini``.
 
 Routes map the model name an agent asks for to a target (``--route gpt-4o-mini=policy``), so agent code keeps
-its model name. Without a route, calls go to the policy when there is one, else to the upstream.
+its model name. Without a route, a provider model's own name reaches it, and other calls go to the policy when
+there is one, else to the upstream.
 """
 
 from __future__ import annotations
@@ -47,12 +49,16 @@ class Backends:
     policy: Policy | None = None
     publisher: Publisher | None = None
     routes: dict[str, str] = field(default_factory=dict)
+    providers: tuple[str, ...] = ()  # litellm model names
     problem: str | None = None  # why the policy cannot serve, when it cannot
 
     def target(self, model: str) -> str:
-        """The target for a requested model name: ``policy`` or ``upstream``."""
-        target = self.routes.get(model) or (POLICY if self.policy is not None else UPSTREAM)
-        if (target == POLICY and self.policy is None) or (target == UPSTREAM and self.upstream is None):
+        """Where a requested model name goes: ``policy``, ``upstream``, or a provider model."""
+        target = self.routes.get(model)
+        if target is None:
+            target = model if model in self.providers else POLICY if self.policy is not None else UPSTREAM
+        unavailable = (target == POLICY and self.policy is None) or (target == UPSTREAM and self.upstream is None)
+        if unavailable or target not in (POLICY, UPSTREAM, *self.providers):
             raise NotFound(
                 f"The model {model!r} is routed to {target}, which this sidecar does not run.", param="model"
             )
@@ -74,7 +80,7 @@ BACKENDS = web.AppKey("backends", Backends)
 async def backends(config: Config, writer: Writer) -> AsyncIterator[Backends]:
     """Everything calls are forwarded to, for the app's lifetime."""
     async for session in client_session(config):
-        found = Backends(session, routes=dict(r.split("=", 1) for r in config.routes))
+        found = Backends(session, routes=dict(r.split("=", 1) for r in config.routes), providers=config.provider_models)
         if config.upstream:
             found.upstream = Upstream(
                 config.upstream,
@@ -86,7 +92,7 @@ async def backends(config: Config, writer: Writer) -> AsyncIterator[Backends]:
         async with contextlib.AsyncExitStack() as stack:
             if config.vllm:
                 await stack.enter_async_context(_attached_policy(config, writer, found))
-            elif not config.upstream:
+            elif not config.upstream and not config.provider_models:
                 await stack.enter_async_context(_embedded_policy(config, writer, found))
             yield found
 

@@ -44,6 +44,11 @@ class Config:
         "MODEL=TARGET: calls for MODEL go to TARGET (policy, upstream, or a provider model) (repeatable).",
         flag="--route",
     )
+    provider_models: tuple[str, ...] = setting(
+        (),
+        "litellm model (e.g. openai/gpt-4o-mini) agents may call, keys from the environment (repeatable).",
+        flag="--provider-model",
+    )
     model_dir: Path | None = setting(None, "Hugging Face model folder to serve instead of the embedded default.")
     cache_dir: Path = setting(Path.home() / ".cache" / "lightwire", "Where the embedded model and vLLM's log live.")
     adapters_dir: Path = setting(Path("lightwire-adapters"), "Where adapter versions and merged weights are kept.")

@@ -10,6 +10,7 @@
         ├── NotFound              404   unknown route or target
         ├── PayloadTooLarge       413   body over --max-body-mb
         ├── UpstreamError         502   upstream refused the connection or broke the protocol
+        │   └── ProviderError     4xx/5xx  a provider's own error, reached through litellm
         ├── BackendUnavailable    503   no backend ready (starting, restarting)
         └── UpstreamTimeout       504   upstream did not answer in time
 
@@ -19,7 +20,7 @@ show the message.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -34,15 +35,27 @@ class ConfigError(LightwireError):
 
 
 class HTTPError(LightwireError):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
-    code: ClassVar[str | None] = None
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers or {}
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -82,6 +95,10 @@ class UpstreamError(HTTPError):
     status = 502
     type = "upstream_error"
     code = "bad_gateway"
+
+
+class ProviderError(UpstreamError):
+    """A provider's error (its status and message) when it is reached through litellm."""
 
 
 class BackendUnavailable(HTTPError):

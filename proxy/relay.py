@@ -39,8 +39,7 @@ class StreamBroken(HTTPError):
     type = "upstream_error"
 
     def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code  # type: ignore[misc]
+        super().__init__(message, code=code)
 
 
 class Call:

@@ -15,8 +15,8 @@ Each request may steer it with headers (the proxy passes unknown headers through
 ``x-fake-content: text``   answer with this content (streams: cut into the chunks)
 =========================  ==========================================================================
 
-``replies`` maps a model name to the content answered to requests for that model, like ``x-fake-content``, for
-clients that cannot set headers (an LLM judge called through litellm).
+``replies`` maps a model name to the content answered to requests for that model, like ``x-fake-content``, and
+``failures`` to an error status, like ``x-fake-status``, for clients that cannot set headers (litellm).
 
 With ``vllm=True`` it behaves like vLLM where the proxy cares: ``/v1/models`` says ``owned_by: vllm`` and
 ``return_token_ids`` / ``logprobs`` are honoured, in streams too. Run it alone with
@@ -52,6 +52,7 @@ class FakeUpstream:
     requests: list[Seen] = field(default_factory=list)
     disconnects: int = 0  # requests whose client went away before the response was complete
     replies: dict[str, str] = field(default_factory=dict)  # model -> content of its answers
+    failures: dict[str, int] = field(default_factory=dict)  # model -> the error status it answers with
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -99,8 +100,8 @@ class FakeUpstream:
         try:
             if "x-fake-delay" in h:
                 await asyncio.sleep(float(h["x-fake-delay"]))
-            if "x-fake-status" in h:
-                status = int(h["x-fake-status"])
+            if "x-fake-status" in h or body.get("model") in self.failures:
+                status = int(h.get("x-fake-status") or self.failures[body["model"]])
                 headers = {"Retry-After": h["x-fake-retry-after"]} if "x-fake-retry-after" in h else {}
                 error = {"error": {"message": f"fake failure {status}", "type": "fake_error", "code": status}}
                 return web.json_response(error, status=status, headers=headers)
