@@ -9,11 +9,13 @@ from typing import Any, ClassVar
 import duckdb
 import orjson
 
+from store.writer import Row
+
 STATUSES = ("candidate", "canary", "active", "retired", "failed")
 
 
 @dataclass(slots=True, frozen=True)
-class Adapter:
+class Adapter(Row):
     table: ClassVar[str] = "adapters"
     replace: ClassVar[bool] = True
 
@@ -29,9 +31,6 @@ class Adapter:
     message: str | None
     created_at: datetime
     updated_at: datetime
-
-    def to_row(self) -> tuple[object, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
 
     def with_status(self, status: str, message: str | None = None, **changes: Any) -> Adapter:
         assert status in STATUSES, status

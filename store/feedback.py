@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar
 
+from store.writer import Row
+
 
 @dataclass(slots=True, frozen=True)
-class Feedback:
+class Feedback(Row):
     """A named reward for one call (``span_id``) or a whole session (``span_id`` null)."""
 
     table: ClassVar[str] = "feedback"
@@ -22,12 +24,9 @@ class Feedback:
     source: str
     created_at: datetime
 
-    def to_row(self) -> tuple[object, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
 
 @dataclass(slots=True, frozen=True)
-class SessionEnd:
+class SessionEnd(Row):
     """A session closed, by ``POST /sessions/<id>/end`` or after the idle timeout (a later call reopens it)."""
 
     table: ClassVar[str] = "sessions"
@@ -36,6 +35,3 @@ class SessionEnd:
     session_id: str
     ended_at: datetime
     end_reason: str
-
-    def to_row(self) -> tuple[object, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))

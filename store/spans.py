@@ -6,9 +6,11 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import ClassVar
 
+from store.writer import Row
+
 
 @dataclass(slots=True)
-class Span:
+class Span(Row):
     table: ClassVar[str] = "spans"
 
     span_id: str
@@ -41,9 +43,6 @@ class Span:
     turn_index: int | None
     session_source: str | None
     adapter_version: str | None = None
-
-    def to_row(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in SPAN_COLUMNS)
 
 
 SPAN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Span))
