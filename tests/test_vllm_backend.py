@@ -186,3 +186,39 @@ def _poison(path: Path) -> None:
     start = 8 + header_len + header[name]["data_offsets"][0]
     raw[start : start + 4] = b"\xff\xff\xff\xff"  # NaN in bf16 (and in f32)
     path.write_bytes(bytes(raw))
+
+
+async def test_a_canary_takes_whole_sessions_and_a_failed_publish_keeps_the_active_version(
+    vllm_server: VllmServer, embedded_model_dir: Path, random_adapter: Path, tmp_path: Path
+) -> None:
+    async with policy_proxy(vllm_server, embedded_model_dir, tmp_path, "lora") as proxy:
+        assert (await admin(proxy, "/admin/adapters", {"path": str(random_adapter)}))[0] == 200
+        status, canary = await admin(proxy, "/admin/adapters/v1/canary", {"fraction": 0.5})
+        assert status == 200 and canary["status"] == "canary"
+        for session in range(12):
+            client = openai.AsyncOpenAI(
+                base_url=proxy.url,
+                api_key="k",
+                max_retries=0,
+                default_headers={"x-lightwire-session": f"user-{session}"},
+            )
+            for _ in range(2):
+                await client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2)
+        assert (await admin(proxy, "/admin/rollback", {}))[1] == {"rolled_back": "v1", "active": "base"}
+
+        # A version whose files vanished before activation: vLLM refuses it, the base keeps serving.
+        assert (await admin(proxy, "/admin/adapters", {"path": str(random_adapter)}))[1]["version"] == "v2"
+        shutil.rmtree(tmp_path / "adapters" / "v2")
+        status, error = await admin(proxy, "/admin/adapters/v2/activate", {})
+        assert status == 502 and "v2 was not published" in error["error"]["message"]
+        assert "Paris" in await ask(proxy)
+        listing = (await admin(proxy, "/admin/adapters"))[1]
+        assert listing["active"] == "base"
+        assert [(a["version"], a["status"]) for a in listing["data"]] == [("v1", "retired"), ("v2", "failed")]
+        rows = await proxy.spans()
+    arms: dict[str, set] = {}
+    for row in rows[:24]:
+        arms.setdefault(row["session_id"], set()).add(row["adapter_version"])
+    assert all(len(versions) == 1 for versions in arms.values())  # never split
+    assert {v for versions in arms.values() for v in versions} == {None, "v1"}  # both arms served
+    assert rows[-1]["adapter_version"] is None
