@@ -107,6 +107,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         config.db,
         kinds=[Span, Feedback, SessionEnd, Adapter],
         max_pending=config.max_pending_spans,
+        flush_interval=config.flush_interval_ms / 1000,
         on_commit=on_commit if exporter or hooks else None,
     )
     writer.open()
@@ -201,7 +202,7 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     target = found.target(body["model"])
     call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), target)
     messages = body.get("messages") if operation == protocol.CHAT else None
-    call.session_id, call.session_source = sessions.attribute(
+    call.session_id, call.session_source, conversation = sessions.attribute(
         header=request.headers.get(SESSION_HEADER),
         path=request.match_info.get("session"),
         trace_id=call.ids.trace_id if call.ids.parent_span_id else None,
@@ -230,7 +231,7 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     finally:
         call.end()
         writer.submit(call)
-        sessions.finish(call.session_id, messages, call.replies())
+        sessions.finish(call.session_id, conversation, call.replies())
         response_id = call.response.get("id") if call.response else None
         sessions.remember_call(call.ids.span_id, response_id, call.session_id)
 

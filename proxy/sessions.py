@@ -34,6 +34,8 @@ SESSION_HEADER = "x-lightwire-session"
 MAX_SESSION_ID = 256
 # Conversation prefixes remembered for linking, and sessions remembered for turn counting.
 INDEX_CAPACITY = 200_000
+# Sessions remembered per identical conversation prefix (identical histories in several conversations).
+MAX_CLAIMS = 16
 
 
 @dataclass(slots=True)
@@ -43,35 +45,31 @@ class SessionState:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-@dataclass(slots=True)
-class _Claim:
-    session_id: str
-    claimed: bool = False
-
-
 class Sessions:
     """In-memory session bookkeeping of one proxy process (the store keeps the record)."""
 
     def __init__(self, capacity: int = INDEX_CAPACITY) -> None:
         self.capacity = capacity
         self.active: OrderedDict[str, SessionState] = OrderedDict()
-        self._replies: OrderedDict[bytes, list[_Claim]] = OrderedDict()
+        # conversation-prefix hash -> the sessions whose reply ended it, each with whether a call continued it
+        self._replies: OrderedDict[bytes, OrderedDict[str, bool]] = OrderedDict()
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def attribute(
         self, *, header: str | None, path: str | None, trace_id: str | None, messages: list[Any] | None
-    ) -> tuple[str, str]:
-        """The call's session id and where it came from: header, path, traceparent, linked or new."""
+    ) -> tuple[str, str, bytes | None]:
+        """The call's session id, where it came from (header, path, traceparent, linked or new), and for
+        linked and new chat calls the hash of their messages, for :meth:`finish` to remember the reply by."""
         for source, value in (("header", header), ("path", path)):
             if value:
-                return value[:MAX_SESSION_ID], source
+                return value[:MAX_SESSION_ID], source, None
         if trace_id:
-            return trace_id, "traceparent"
-        if messages:
-            linked = self._link(messages)
-            if linked is not None:
-                return linked, "linked"
-        return "lw-" + os.urandom(12).hex(), "new"
+            return trace_id, "traceparent", None
+        if not messages:
+            return _new_session(), "new", None
+        hashes = _prefix_hashes(messages)
+        linked = self._link(messages, hashes)
+        return (linked, "linked", hashes[-1]) if linked is not None else (_new_session(), "new", hashes[-1])
 
     def begin(self, session_id: str, known_turns: int | None = None) -> int:
         """Count a call into its session; return its turn index. ``known_turns`` seeds a session not in memory."""
@@ -89,23 +87,26 @@ class Sessions:
     def is_known(self, session_id: str) -> bool:
         return session_id in self.active
 
-    def finish(self, session_id: str, messages: list[Any] | None, replies: Iterable[dict[str, Any]]) -> None:
-        """A call ended: remember its replies for linking, and when the session was last active."""
+    def finish(self, session_id: str, conversation: bytes | None, replies: Iterable[dict[str, Any]]) -> None:
+        """A call ended: note when its session was last active and, for a linkable conversation (its hash from
+        :meth:`attribute`), remember each reply as a point that a later call may continue from."""
         state = self.active.get(session_id)
         if state is not None:
             state.in_flight -= 1
             state.last_seen = time.monotonic()
-        if messages is None:
+            self.active.move_to_end(session_id)
+        if conversation is None:
             return
-        base = _prefix_hashes(messages)[-1] if messages else b""
         for reply in replies:
-            key = _extend(base, reply)
+            key = _extend(conversation, reply)
             claims = self._replies.get(key)
             if claims is None:
-                self._replies[key] = [_Claim(session_id)]
+                claims = self._replies[key] = OrderedDict()
                 self._trim(self._replies)
-            elif all(c.session_id != session_id for c in claims):
-                claims.append(_Claim(session_id))
+            if session_id not in claims:
+                claims[session_id] = False
+                while len(claims) > MAX_CLAIMS:
+                    claims.popitem(last=False)
 
     def remember_call(self, span_id: str, response_id: str | None, session_id: str) -> None:
         """Recent calls by span id and response id, for feedback that arrives before their rows are written."""
@@ -119,9 +120,18 @@ class Sessions:
         return self._calls.get(key)
 
     def idle(self, timeout: float) -> list[str]:
-        """Sessions with nothing in flight and no call for ``timeout`` seconds; they are forgotten."""
+        """Sessions with nothing in flight and no call for ``timeout`` seconds; they are forgotten.
+
+        ``active`` is kept in order of last activity, so only the sessions that went idle are looked at (and
+        those with a call running since before the cutoff).
+        """
         cutoff = time.monotonic() - timeout
-        gone = [s for s, st in self.active.items() if st.in_flight == 0 and st.last_seen < cutoff]
+        gone = []
+        for session_id, state in self.active.items():
+            if state.last_seen >= cutoff:
+                break
+            if state.in_flight == 0:
+                gone.append(session_id)
         for session_id in gone:
             del self.active[session_id]
         return gone
@@ -129,21 +139,24 @@ class Sessions:
     def end(self, session_id: str) -> None:
         self.active.pop(session_id, None)
 
-    def _link(self, messages: list[Any]) -> str | None:
-        hashes = _prefix_hashes(messages)
+    def _link(self, messages: list[Any], hashes: list[bytes]) -> str | None:
         for i in range(len(messages) - 1, -1, -1):
             if isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
                 claims = self._replies.get(hashes[i + 1])
                 if claims:
                     self._replies.move_to_end(hashes[i + 1])
-                    claim = next((c for c in claims if not c.claimed), claims[-1])
-                    claim.claimed = True
-                    return claim.session_id
+                    session_id = next((s for s, claimed in claims.items() if not claimed), next(reversed(claims)))
+                    claims[session_id] = True
+                    return session_id
         return None
 
     def _trim(self, table: OrderedDict[Any, Any]) -> None:
         while len(table) > self.capacity:
             table.popitem(last=False)
+
+
+def _new_session() -> str:
+    return "lw-" + os.urandom(12).hex()
 
 
 def _prefix_hashes(messages: list[Any]) -> list[bytes]:
