@@ -21,7 +21,6 @@ The turn index is the call's order in its session, from 0.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from proxy.telemetry import random_hex
 
 SESSION_HEADER = "x-lightwire-session"
 MAX_SESSION_ID = 256
@@ -156,7 +157,7 @@ class Sessions:
 
 
 def _new_session() -> str:
-    return "lw-" + os.urandom(12).hex()
+    return "lw-" + random_hex(12)
 
 
 def _prefix_hashes(messages: list[Any]) -> list[bytes]:

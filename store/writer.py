@@ -162,7 +162,9 @@ class Writer:
         while not stopping:
             batch: list[Record] = []
             item = self._queue.get()
-            deadline = time.monotonic() + self.flush_interval
+            # Sleep rather than wait on the queue: a waiting thread would be woken (and take the GIL from the
+            # request path) by every row put in the meantime.
+            time.sleep(self.flush_interval)
             while True:
                 if item is _STOP:
                     stopping = True
@@ -171,7 +173,7 @@ class Writer:
                 if len(batch) >= MAX_BATCH:
                     break
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if batch:
