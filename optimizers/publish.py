@@ -134,6 +134,21 @@ class Publisher:
                 await self._set_status(previous.version, "candidate", "replaced by another canary")
             return await self._record(adapter.with_status("canary"))
 
+    async def load_candidate(self, version: str) -> Version:
+        """Load a version as a LoRA adapter into every replica without routing any session to it (to evaluate)."""
+        async with self._lock:
+            adapter = self._get(version)
+            return await self._guarded(adapter, self._load_lora(adapter))
+
+    async def reject(self, version: str, reason: str) -> None:
+        """Take a candidate (or canary) out of service for good: it is retired with the reason."""
+        async with self._lock:
+            adapter = self._get(version)
+            if self.policy.canary is not None and self.policy.canary.version == version:
+                self.policy.stop_canary()
+            self._unload_later([self._version(adapter, as_lora=True)])
+            await self._record(adapter.with_status("retired", reason))
+
     async def rollback(self) -> dict[str, Any]:
         """Stop a running canary, or else return to the previous active version."""
         async with self._lock:

@@ -6,6 +6,8 @@
 ``POST /admin/adapters/{version}/activate`` serve it to every new session
 ``POST /admin/adapters/{version}/canary``   serve it to a fraction of sessions: ``{"fraction": 0.1}``
 ``POST /admin/rollback``                    stop the canary, or return to the previous active version
+``POST /admin/train``                       an optimizer run now: train, evaluate, publish; answers the run
+``GET  /admin/runs``                        every optimizer run, with its data, losses, evaluation, decision
 ==========================================  ===============================================================
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from optimizers.loop import OPTIMIZER
 from optimizers.publish import Publisher
 from proxy.admin import settings_of, sidecar
 from proxy.backends import BACKENDS
@@ -32,6 +35,8 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/admin/adapters/{version}/activate", activate)
     router.add_post("/admin/adapters/{version}/canary", canary)
     router.add_post("/admin/rollback", rollback)
+    router.add_post("/admin/train", train)
+    router.add_get("/admin/runs", runs)
 
 
 def _publisher(request: web.Request) -> Publisher:
@@ -82,13 +87,32 @@ async def rollback(request: web.Request) -> web.Response:
     return json_response(await _publisher(request).rollback())
 
 
+async def train(request: web.Request) -> web.Response:
+    request.app[BACKENDS].require_publisher()  # 503 at once while the policy is not ready
+    return json_response((await request.app[OPTIMIZER].run()).public())
+
+
+async def runs(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [r.public() for r in await request.app[OPTIMIZER].runs()]})
+
+
 # -- lightwire adapters ...: the same operations from the command line, through a running sidecar ---------------
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with settings (keys as in the README table).")
     parser.add_argument("--url", help="The sidecar (default: its host and port from the settings).")
     parser.add_argument("--admin-key", help="Key for the sidecar's admin API (default: LIGHTWIRE_ADMIN_KEY).")
+
+
+def train_main(args: argparse.Namespace) -> None:
+    """``lightwire train``: an optimizer run in the running sidecar, now; prints its record."""
+    run = asyncio.run(sidecar(args, settings_of(args)).call("POST", "/admin/train", {}))
+    print(orjson.dumps(run, option=orjson.OPT_INDENT_2).decode())
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sidecar_arguments(parser)
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="Every version with its status.")
     register = actions.add_parser("register", help="Check a peft adapter folder and record it as a candidate.")

@@ -63,6 +63,7 @@ class AdminApi:
     async def get_export(self, request: web.Request) -> web.StreamResponse:
         config, writer = request.app[self._config], request.app[self._writer]
         options = _query_options(request.query, config)
+        await writer.flush()  # calls and rewards accepted before this request are in the dataset
         with tempfile.TemporaryDirectory(dir=config.db.parent, prefix=".lightwire-export-") as tmp:
             path = Path(tmp) / f"lightwire.{options.format}"
             meta = await asyncio.to_thread(_export, writer, path, options)
@@ -84,6 +85,7 @@ class AdminApi:
     async def get_stats(self, request: web.Request) -> web.Response:
         config, writer = request.app[self._config], request.app[self._writer]
         policy, discount, name = _query_credit(request.query, config)
+        await writer.flush()
 
         def collect() -> stats.Stats:
             with writer.cursor() as con:

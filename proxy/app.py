@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from optimizers.loop import OPTIMIZER, Optimizer, running
 from proxy import adapters_api, admin, protocol, providers
 from proxy.backends import BACKENDS, POLICY, UPSTREAM, Backends, backends
 from proxy.config import Config
@@ -39,6 +40,7 @@ from proxy.upstream import response_headers
 from store import queries
 from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
+from store.runs import Run
 from store.spans import Span
 from store.writer import Record, Writer
 
@@ -70,6 +72,7 @@ def create_app(config: Config) -> web.Application:
     if hooks.active:
         app.cleanup_ctx.append(hooks_ctx)  # stops before the feedback desk and the writer it scores through
     app.cleanup_ctx.append(backends_ctx)
+    app.cleanup_ctx.append(optimizer_ctx)
     for prefix in ("", "/s/{session}"):
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
         app.router.add_post(prefix + "/v1/completions", completions)
@@ -105,7 +108,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     writer = Writer(
         config.db,
-        kinds=[Span, Feedback, SessionEnd, Adapter],
+        kinds=[Span, Feedback, SessionEnd, Adapter, Run],
         max_pending=config.max_pending_spans,
         flush_interval=config.flush_interval_ms / 1000,
         on_commit=on_commit if exporter or hooks else None,
@@ -125,6 +128,18 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
+
+
+async def optimizer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The optimizer, running in the background when ``optimize`` is on (it waits for the policy to be ready)."""
+    config, found = app[CONFIG], app[BACKENDS]
+    span_hooks = app[HOOKS].hooks["span"] if HOOKS in app else ()
+    optimizer = app[OPTIMIZER] = Optimizer(config, app[WRITER], found, span_hooks)
+    if not (config.optimize and (config.vllm or (not config.upstream and not config.provider_models))):
+        yield
+        return
+    async with running(optimizer):
+        yield
 
 
 async def hooks_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("settings", help="Print every setting as a Markdown table.")
     admin.add_export_arguments(commands.add_parser("export", help="Write a training dataset and its metadata."))
     admin.add_stats_arguments(commands.add_parser("stats", help="Show calls, sessions and rewards."))
+    adapters_api.add_sidecar_arguments(
+        commands.add_parser("train", help="Run the optimizer now in the running sidecar: train, evaluate, publish.")
+    )
     adapters_api.add_cli_arguments(commands.add_parser("adapters", help="List, register, activate, canary, roll back."))
     args = parser.parse_args(argv)
     if args.command == "settings":
@@ -43,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         admin.export_main(args)
     elif args.command == "stats":
         admin.stats_main(args)
+    elif args.command == "train":
+        adapters_api.train_main(args)
     elif args.command == "adapters":
         adapters_api.cli_main(args)
 

@@ -112,6 +112,19 @@ class Config:
         "discounted", "Session reward to turns: last, broadcast or discounted; per-turn feedback wins."
     )
     discount: float = setting(0.9, "Discount per turn from the end, for credit_policy=discounted.")
+    # The optimizer
+    optimize: bool = setting(True, "Train, evaluate and publish adapters in the background (needs the policy).")
+    train_algorithm: str = setting("sft", "What runs optimize: sft (filtered behaviour cloning), kto or grpo.")
+    train_min_turns: int = setting(32, "New rewards that start an optimizer run.")
+    train_min_interval: float = setting(300.0, "Least seconds between the starts of two optimizer runs.")
+    train_learning_rate: float = setting(2e-4, "Learning rate of optimizer runs.")
+    train_epochs: int = setting(1, "Passes over the training data per run.")
+    runs_dir: Path = setting(Path("lightwire-runs"), "Where optimizer runs keep their data, logs and checkpoints.")
+    eval_split: float = setting(0.1, "Share of sessions held out of training, to evaluate candidates on.")
+    eval_max_prompts: int = setting(32, "Held-out prompts replayed per offline evaluation (with span hooks).")
+    eval_canary_fraction: float = setting(0.5, "Share of sessions a candidate gets in an online evaluation.")
+    eval_min_sessions: int = setting(20, "Rewarded sessions each arm needs before an online evaluation decides.")
+    eval_timeout: float = setting(1800.0, "Seconds an online evaluation waits for them; then the candidate retires.")
     # Telemetry
     otlp_endpoint: str | None = setting(
         None, "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces) to export spans to."
@@ -125,6 +138,8 @@ class Config:
             raise ConfigError(f"swap_mode must be auto, lora or merged, not {self.swap_mode!r}")
         if any("=" not in route for route in self.routes):
             raise ConfigError("routes are MODEL=TARGET, e.g. gpt-4o-mini=policy")
+        if self.train_algorithm not in {"sft", "kto", "grpo"}:
+            raise ConfigError(f"train_algorithm must be sft, kto or grpo, not {self.train_algorithm!r}")
         if self.credit_policy not in {"last", "broadcast", "discounted"}:
             raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
         if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:

@@ -94,6 +94,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "004_runs",
+        """
+        CREATE TABLE runs (
+            run_id VARCHAR PRIMARY KEY,
+            status VARCHAR NOT NULL,            -- running | published | rejected | no_data | failed
+            algorithm VARCHAR NOT NULL,
+            parent VARCHAR,                     -- the version it started from (null: the base model)
+            candidate VARCHAR,                  -- the adapter version it produced
+            data JSON,                          -- window, records, splits, sha256 of the dataset file
+            hyperparameters JSON,
+            training JSON,                      -- losses, tokens, tokens per second, steps
+            evaluation JSON,                    -- method, per-arm scores and counts
+            reason VARCHAR,                     -- why it was published, rejected or failed
+            started_at TIMESTAMPTZ NOT NULL,
+            ended_at TIMESTAMPTZ
+        );
+        """,
+    ),
 ]
 
 

@@ -133,6 +133,13 @@ class Writer:
         assert self._slots is not None, "writer not open"
         await self._slots.acquire()
 
+    async def flush(self) -> None:
+        """Wait until every row submitted so far is committed."""
+        assert self._loop is not None, "writer not open"
+        done = self._loop.create_future()
+        self._queue.put(done)
+        await done
+
     def unreserve(self) -> None:
         """Give back a reservation that will not be used."""
         assert self._slots is not None
@@ -161,15 +168,20 @@ class Writer:
         stopping = False
         while not stopping:
             batch: list[Record] = []
+            flushes: list[asyncio.Future[None]] = []
             item = self._queue.get()
             # Sleep rather than wait on the queue: a waiting thread would be woken (and take the GIL from the
-            # request path) by every row put in the meantime.
-            time.sleep(self.flush_interval)
+            # request path) by every row put in the meantime. A flush request is answered without the wait.
+            if not isinstance(item, asyncio.Future):
+                time.sleep(self.flush_interval)
             while True:
                 if item is _STOP:
                     stopping = True
                     break
-                batch.append(item)  # type: ignore[arg-type]
+                if isinstance(item, asyncio.Future):
+                    flushes.append(item)
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
                 if len(batch) >= MAX_BATCH:
                     break
                 try:
@@ -178,6 +190,9 @@ class Writer:
                     break
             if batch:
                 self._write(con, batch)
+            for done in flushes:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_resolve, done)
         con.close()
 
     def _write(self, con: duckdb.DuckDBPyConnection, batch: list[Record]) -> None:
@@ -238,6 +253,11 @@ class Writer:
         self.rejected += 1
         with open(self.path.with_suffix(".rejected.jsonl"), "a") as fh:
             fh.write(json.dumps(row, default=repr) + "\n")
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _release(slots: asyncio.Semaphore, n: int) -> None:

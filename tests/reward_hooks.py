@@ -1,0 +1,17 @@
+"""Reward hooks for tests of the optimizer's evaluation: deterministic judges of which version answered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+def always_one(span: dict[str, Any]) -> float:
+    """Every answer is as good as any other: a candidate ties with the active version."""
+    return 1.0
+
+
+def prefers_base(span: dict[str, Any]) -> float:
+    """Only the base model's answers are good: any candidate adapter is worse."""
+    return 1.0 if (span.get("response") or {}).get("model") == BASE_MODEL else 0.0
