@@ -74,6 +74,7 @@ class Publisher:
         self.adapters = {a.version: a for a in adapters}
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._loaded: set[str] = set()  # LoRA names loaded into the replicas
         self._base_modules = base_linear_modules(base_dir) if base_dir else None
 
     # -- the admin operations ---------------------------------------------------------------------------------
@@ -162,6 +163,8 @@ class Publisher:
             if self.policy.mode == "merged":
                 left, _ = await self._reload_all(previous.merged_path, self.policy.roll_back)
             else:
+                if previous.version is not None:  # it may have been unloaded since: load it again first
+                    await self._load_lora(self._get(previous.version))
                 left, _ = self.policy.roll_back()
                 self._unload_later([left])
             await self._set_status(left.version, "retired", "rolled back")
@@ -207,6 +210,7 @@ class Publisher:
             for replica in loaded:
                 await self._unload(replica, target.served_name)
             raise
+        self._loaded.add(target.served_name)
         return target
 
     async def _merge(self, adapter: Adapter) -> Version:
@@ -268,8 +272,12 @@ class Publisher:
 
     def _retire_later(self) -> None:
         """Unload LoRA versions no longer active, canary or previous."""
-        keep = {self.policy.active, self.policy.canary, *self.policy.history[-1:]}
-        self._unload_later([v for v in self.policy.history[:-1] if v.lora_path is not None and v not in keep])
+        keep = self._served()
+        self._unload_later([v for v in self.policy.history[:-1] if v.served_name in self._loaded and v not in keep])
+
+    def _served(self) -> set[Version | None]:
+        """The versions that may get calls now: active, canary, and the previous one (kept for rollback)."""
+        return {self.policy.active, self.policy.canary, *self.policy.history[-1:]}
 
     def _unload_later(self, versions: list[Version]) -> None:
         """Unload LoRA versions from every replica once their last call has finished."""
@@ -278,8 +286,12 @@ class Publisher:
         async def unload() -> None:
             for version in versions:
                 await self.policy.drained(version)
-                for replica in self.policy.replicas:
-                    await self._unload(replica, version.served_name)
+                if version in self._served() or version.served_name not in self._loaded:
+                    continue  # served again meanwhile (a rollback, a new activation), or gone already
+                async with self._lock:
+                    for replica in self.policy.replicas:
+                        await self._unload(replica, version.served_name)
+                    self._loaded.discard(version.served_name)
 
         if versions:
             task = asyncio.create_task(unload())

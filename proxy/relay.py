@@ -205,6 +205,15 @@ async def _relay_stream(
     out = web.StreamResponse(status=200, headers=headers)
     await out.prepare(request)
     call.status = 200
+    try:
+        await _pump(call, resp, out, config)
+    except ConnectionResetError:  # the client went away mid-stream: record it, nothing to answer
+        call.fail(CLIENT_GONE, "client_disconnected", "The client closed the connection.")
+    return out
+
+
+async def _pump(call: Call, resp: aiohttp.ClientResponse, out: web.StreamResponse, config: Config) -> None:
+    """Copy the upstream's events to the client as they complete; end with an error event if the stream breaks."""
     events = SseSplitter()
     done = False
     try:
@@ -233,7 +242,6 @@ async def _relay_stream(
         call.fail(call.status, exc.code or "stream_error", exc.message)
         await out.write(exc.sse_event())
     await out.write_eof()
-    return out
 
 
 def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool, StreamBroken | None]:

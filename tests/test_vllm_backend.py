@@ -222,3 +222,20 @@ async def test_a_canary_takes_whole_sessions_and_a_failed_publish_keeps_the_acti
     assert all(len(versions) == 1 for versions in arms.values())  # never split
     assert {v for versions in arms.values() for v in versions} == {None, "v1"}  # both arms served
     assert rows[-1]["adapter_version"] is None
+
+
+async def test_rolling_back_twice_reloads_a_version_that_was_unloaded(
+    vllm_server: VllmServer, embedded_model_dir: Path, random_adapter: Path, tmp_path: Path
+) -> None:
+    async with policy_proxy(vllm_server, embedded_model_dir, tmp_path, "lora") as proxy:
+        for version in ("v1", "v2", "v3"):
+            assert (await admin(proxy, "/admin/adapters", {"path": str(random_adapter)}))[1]["version"] == version
+            assert (await admin(proxy, f"/admin/adapters/{version}/activate", {}))[0] == 200
+            await ask(proxy)  # v1 is unloaded once v3 is active (only the previous one is kept)
+        for expected in ("v2", "v1", "base"):
+            status, rolled = await admin(proxy, "/admin/rollback", {})
+            assert status == 200 and rolled["active"] == expected
+            await ask(proxy)
+        rows = await proxy.spans()
+    assert [r["http_status"] for r in rows] == [200] * 6
+    assert [r["adapter_version"] for r in rows] == ["v1", "v2", "v3", "v2", "v1", None]
