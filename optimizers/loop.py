@@ -183,6 +183,8 @@ class Optimizer:
             "--cache-dir",
             str(self.config.cache_dir),
         ]
+        if self.config.train_threads:
+            command += ["--threads", str(self.config.train_threads)]
         base = active.merged_path or self.publisher.base_dir
         if base is not None:
             command += ["--base", str(base)]

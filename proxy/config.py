@@ -119,6 +119,7 @@ class Config:
     train_min_interval: float = setting(300.0, "Least seconds between the starts of two optimizer runs.")
     train_learning_rate: float = setting(2e-4, "Learning rate of optimizer runs.")
     train_epochs: int = setting(1, "Passes over the training data per run.")
+    train_threads: int = setting(1, "torch CPU threads of optimizer runs (0: torch's choice); vLLM shares the CPU.")
     runs_dir: Path = setting(Path("lightwire-runs"), "Where optimizer runs keep their data, logs and checkpoints.")
     eval_split: float = setting(0.1, "Share of sessions held out of training, to evaluate candidates on.")
     eval_max_prompts: int = setting(32, "Held-out prompts replayed per offline evaluation (with span hooks).")

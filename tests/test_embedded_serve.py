@@ -36,11 +36,23 @@ async def test_serve_with_no_backend_runs_the_embedded_model(
     tmp_path: Path, embedded_model_dir: Path, random_adapter: Path
 ) -> None:
     port = free_port()
-    env = {**os.environ, "LIGHTWIRE_PORT": str(port), "LIGHTWIRE_DB": str(tmp_path / "lw.duckdb"),
-           "LIGHTWIRE_CACHE_DIR": str(cache_dir()), "LIGHTWIRE_ADAPTERS_DIR": str(tmp_path / "adapters")}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", env=env,
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                                                start_new_session=True)
+    env = {
+        **os.environ,
+        "LIGHTWIRE_PORT": str(port),
+        "LIGHTWIRE_DB": str(tmp_path / "lw.duckdb"),
+        "LIGHTWIRE_CACHE_DIR": str(cache_dir()),
+        "LIGHTWIRE_ADAPTERS_DIR": str(tmp_path / "adapters"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
     root = f"http://127.0.0.1:{port}"
     client = openai.AsyncOpenAI(base_url=root + "/v1", api_key="k", max_retries=0)
     try:
@@ -63,8 +75,9 @@ async def test_serve_with_no_backend_runs_the_embedded_model(
                     await asyncio.sleep(1)
 
         async def ask() -> str:
-            done = await client.chat.completions.create(model="any-name", messages=QUESTION, temperature=0,
-                                                        max_tokens=12)
+            done = await client.chat.completions.create(
+                model="any-name", messages=QUESTION, temperature=0, max_tokens=12
+            )
             return done.choices[0].message.content or ""
 
         base = await ask()
