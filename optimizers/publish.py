@@ -115,6 +115,8 @@ class Publisher:
                 canary = self.policy.stop_canary()  # a canary adapter was trained on the weights just replaced
                 if canary is not None:
                     await self._set_status(canary.version, "candidate", "its base weights were replaced")
+                # Served merged now: its LoRA form (loaded to be evaluated) is no longer needed.
+                self._unload_later([self._version(adapter, as_lora=True), *([canary] if canary else [])])
             else:
                 target = await self._guarded(adapter, self._load_lora(adapter))
                 self.policy.activate(target)

@@ -15,6 +15,10 @@ from proxy import config as settings
 from proxy.app import create_app
 from tests.fake_upstream import FakeUpstream
 
+# Fixtures shared by the real-component tiers, registered once so that session-scoped ones (one vLLM server for
+# the whole run) are made once, not once per module that uses them.
+pytest_plugins = ["tests.vllm_fixtures", "tests.training_fixtures"]
+
 
 class Proxy:
     """A Lightwire app served on a loopback port, in the test's event loop."""

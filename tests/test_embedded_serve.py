@@ -17,9 +17,7 @@ import pytest
 
 from tests.conftest import read_rows
 from tests.test_serve_process import free_port
-from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S, cache_dir, embedded_model_dir, random_adapter
-
-__all__ = ["embedded_model_dir", "random_adapter"]  # fixtures used by name
+from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S, cache_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(VLLM_SETUP_TIMEOUT_S + 300)]
 

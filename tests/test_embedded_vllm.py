@@ -12,9 +12,7 @@ import pytest
 
 from proxy.embedded import DEFAULT_MODEL_NAME
 from proxy.vllm_server import VllmServer
-from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S, embedded_model_dir, vllm_server
-
-__all__ = ["embedded_model_dir", "vllm_server"]  # fixtures used by name
+from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 
 pytestmark = [
     pytest.mark.vllm,

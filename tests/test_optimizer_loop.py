@@ -15,9 +15,7 @@ import pytest
 from proxy import config as settings
 from proxy.vllm_server import VllmServer
 from tests.conftest import Proxy, read_rows
-from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S, embedded_model_dir, vllm_server
-
-__all__ = ["embedded_model_dir", "vllm_server"]  # fixtures used by name
+from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 
 pytestmark = [
     pytest.mark.vllm,

@@ -29,12 +29,8 @@ from tests.training_fixtures import (
     load_base,
     make_record,
     prompt_ids,
-    training_model_dir,
-    training_tokenizer,
     write_records,
 )
-
-__all__ = ["training_model_dir", "training_tokenizer"]  # fixtures used by name
 
 pytestmark = pytest.mark.training
 

@@ -1,6 +1,6 @@
 """Fixtures for the ``training`` tier: the embedded model, its tokenizer, and records built with them.
 
-Import them into a test module (``from tests.training_fixtures import training_model_dir, training_tokenizer``).
+Its fixtures are registered for every test module by ``tests/conftest.py``.
 The records look like the store's export: the prompt ids are what the chat template gives (what vLLM rendered),
 the completion ids are a fixed answer's tokens followed by ``<|im_end|>`` (what the model sampled, stop token
 included), and, where a test needs them, the behaviour logprobs are the base model's own, as vLLM would have

@@ -1,6 +1,6 @@
 """Fixtures for the ``vllm`` tier: the embedded model and one real vLLM-CPU server shared by a test session.
 
-Import the fixtures into a test module (``from tests.vllm_fixtures import vllm_server``) and mark its tests
+Its fixtures are registered for every test module by ``tests/conftest.py``; mark the tests that use them
 ``@pytest.mark.asyncio(loop_scope="session")``: the server lives in the session's event loop. Converting the
 model takes ~30 s once per cache directory (``LIGHTWIRE_CACHE_DIR``, default ``~/.cache/lightwire``); starting
 vLLM takes 40-90 s on two cores.
