@@ -1,0 +1,1 @@
+"""Text-to-SQL: an unmodified openai-SDK agent answering questions over a SQLite shop, learning through Lightwire."""
