@@ -108,6 +108,10 @@ class FeedbackDesk:
         raise NotFound(f"No call or session with {kind} {target!r}.", param=kind)
 
     async def _in_store(self, query: Any, *args: Any) -> Any:
+        """Ask the store, once what was accepted before is written (a session closed as idle a moment ago may
+        have its last call still in the write queue)."""
+        await self.writer.flush()
+
         def run() -> Any:
             with self.writer.cursor() as con:
                 return query(con, *args)
