@@ -52,6 +52,8 @@ def test_the_database_is_the_same_file_for_a_seed_and_another_for_another_seed(t
 
     assert digest(0, "a.sqlite") == digest(0, "b.sqlite")
     assert digest(0, "a.sqlite") != digest(1, "c.sqlite")
+    db.main(["--out", str(tmp_path / "cli.sqlite")])
+    assert (tmp_path / "cli.sqlite").read_bytes() == (tmp_path / "a.sqlite").read_bytes()
 
 
 def test_the_tables_are_related_and_every_row_is_referenced(shop: Path) -> None:
