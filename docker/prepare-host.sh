@@ -46,17 +46,16 @@ fi
 # overlay2 where this kernel lets root mount overlayfs (it does on these machines); else vfs, which works
 # everywhere but copies the whole file system for every image layer and every container (minutes per step).
 storage_driver() {
-    local probe
+    local probe driver=vfs
     probe=$(mktemp -d)
-    scratch+=("$probe")
     mkdir "$probe/lower" "$probe/upper" "$probe/work" "$probe/merged"
     if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
         "$probe/merged" 2>/dev/null; then
         umount "$probe/merged"
-        echo overlay2
-    else
-        echo vfs
+        driver=overlay2
     fi
+    rm -rf "$probe"
+    echo "$driver"
 }
 if ! docker info >/dev/null 2>&1; then
     driver=${DOCKER_STORAGE_DRIVER:-$(storage_driver)}
