@@ -28,7 +28,7 @@ from proxy.errors import BackendUnavailable
 from proxy.upstream import Upstream
 
 PINNED_SESSIONS = 100_000
-# How long a call waits for a replica that is reloading weights or restarting before it gets a 503.
+# How long a call waits for a replica that is reloading weights before it gets a 503.
 REPLICA_WAIT_S = 30.0
 RETRY_AFTER_S = "5"
 
@@ -116,10 +116,11 @@ class Policy:
             replica = self.replicas[(start + i) % n]
             if replica.usable():
                 return replica
-        # All replicas are reloading or restarting: wait a little for the first to come back.
+        # A replica that is reloading weights comes back in seconds: wait for it. A server that is starting or
+        # restarting takes a minute or more: say so at once, so that clients back off instead of piling up.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REPLICA_WAIT_S
-        while loop.time() < deadline:
+        while loop.time() < deadline and any(r.is_ready() for r in self.replicas):
             await asyncio.sleep(0.05)
             for replica in self.replicas:
                 if replica.usable():
