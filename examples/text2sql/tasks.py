@@ -14,8 +14,9 @@ Each template belongs to a family (what the SQL needs) and has several phrasings
 The split is fixed by a seed and keeps the two sets of questions apart: every pool of slot values (cities,
 categories, customers, products, years, thresholds) is cut in two, the held-out part never appears in training,
 and one phrasing of every template is kept for held-out questions only (which use all phrasings). Every template
-has a slot, so no held-out question text is ever a training question. Questions cycle through the families, so
-any ``n`` covers them evenly; a longer list starts with the shorter one.
+has a slot, so no held-out question text is ever a training question. Questions cycle through the families
+(single-table ones twice as often) and within a family through its templates; a longer list starts with the
+shorter one.
 
 The reference SQL is for the reward only: the service compares result sets; the model never sees it.
 """
@@ -32,6 +33,9 @@ from examples.text2sql import db
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 FAMILIES = ("filter", "aggregate", "group", "join", "order")
+# The order questions cycle through families: single-table questions twice as often, as they are the ones a small
+# model solves now and then before learning (so rewards vary), while every family stays in the mix.
+FAMILY_CYCLE = ("filter", "aggregate", "group", "filter", "aggregate", "join", "order")
 DEFAULT_SEED = 0
 HELDOUT_FRACTION = 1 / 3  # of each value pool
 
@@ -333,17 +337,19 @@ def phrasings(template: Template, split: Split, seed: int = DEFAULT_SEED) -> tup
 
 
 def questions(split: Split, n: int, seed: int = DEFAULT_SEED) -> list[Task]:
-    """``n`` questions of ``split``, cycling through the families and, within each, through its templates."""
+    """``n`` questions of ``split``, cycling through :data:`FAMILY_CYCLE` and, within a family, its templates."""
     rng = random.Random(f"text2sql-questions:{seed}:{split}")
     pools = value_pools(split, seed)
     by_family = {family: [t for t in TEMPLATES if t.family == family] for family in FAMILIES}
     for templates in by_family.values():
         rng.shuffle(templates)
     tasks = []
+    seen = dict.fromkeys(FAMILIES, 0)
     for i in range(n):
-        family = FAMILIES[i % len(FAMILIES)]
+        family = FAMILY_CYCLE[i % len(FAMILY_CYCLE)]
         templates = by_family[family]
-        template = templates[(i // len(FAMILIES)) % len(templates)]
+        template = templates[seen[family] % len(templates)]
+        seen[family] += 1
         values = {slot: rng.choice(pools[slot]) for slot in template.slots}
         question = rng.choice(phrasings(template, split, seed)).format(**values)
         sql = template.sql.format(**values)
