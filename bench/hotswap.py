@@ -61,6 +61,7 @@ import aiohttp
 import duckdb
 import orjson
 
+from bench.machine import CLOCK_TICKS
 from proxy.embedded import DEFAULT_MODEL_NAME, prepare_default_model
 from proxy.vllm_server import VllmOptions, VllmServer
 
@@ -90,7 +91,6 @@ WATCH_INTERVAL_S = 0.005
 FIRST_TOKEN_PAUSE_S = 0.3  # between samples: background unloads of retired versions run outside the next one
 CPU_SAMPLE_S = 2.0
 EXAMPLES_KEPT = 5
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_read=120)
 
 # The bodies. No session header: every call starts a new session, so it gets the active version (a session keeps

@@ -55,6 +55,8 @@ import duckdb
 import orjson
 from tqdm import tqdm
 
+from bench.machine import busy_seconds, process_seconds
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's scripts: lightwire, litellm
 
@@ -80,7 +82,6 @@ START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 POLL_S = 0.2
 EXAMPLES_KEPT = 3
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PLACEMENT = f"load generator and fake upstream on CPU {LOADGEN_CPU}, proxy under test on CPU {PROXY_CPU}"
 
 
@@ -243,23 +244,11 @@ async def measured_run(
 ) -> None:
     await closed_loop(session, target, scenario, profile.run_warmup_s, Tally())
     ok_before = tally.ok
-    cpu_before = cpu_seconds(target.pid)
+    cpu_before = process_seconds(target.pid)
     seconds = await closed_loop(session, target, scenario, profile.run_s, tally)
-    tally.cpu_s += cpu_seconds(target.pid) - cpu_before
+    tally.cpu_s += process_seconds(target.pid) - cpu_before
     tally.seconds += seconds
     tally.round_rps.append((tally.ok - ok_before) / seconds)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a live process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def machine_busy_seconds() -> float:
-    """CPU time spent by everything on this machine (all cores) since boot."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
@@ -322,7 +311,7 @@ class Fleet:
         """CPU time of this process and of the live servers."""
         mine = os.times()
         alive = [s.proc.pid for s in self.servers.values() if s.proc.returncode is None]
-        return mine.user + mine.system + sum(cpu_seconds(pid) for pid in alive)
+        return mine.user + mine.system + sum(process_seconds(pid) for pid in alive)
 
 
 async def wait_ready(session: aiohttp.ClientSession, server: Server, url: str) -> None:
@@ -432,13 +421,13 @@ async def measure(
         for i in range(len(targets))
     ]
     most_pending = 0
-    busy_before, ours_before, started = machine_busy_seconds(), fleet.cpu_seconds(), time.perf_counter()
+    busy_before, ours_before, started = busy_seconds(), fleet.cpu_seconds(), time.perf_counter()
     for scenario, target in tqdm(schedule, desc="runs", unit="run", leave=False, disable=None):
         await measured_run(session, target, scenario, profile, tallies[target.name][scenario.name])
         if target.name == "lightwire":  # rows still queued for the store right after a run
             async with session.get(target.base_url.removesuffix("/v1") + "/healthz") as resp:
                 most_pending = max(most_pending, (await resp.json())["spans_pending"])
-    others = machine_busy_seconds() - busy_before - (fleet.cpu_seconds() - ours_before)
+    others = busy_seconds() - busy_before - (fleet.cpu_seconds() - ours_before)
     capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
     return {
         "results": {t.name: {s.name: tallies[t.name][s.name].report(s.stream) for s in SCENARIOS} for t in targets},

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from bench.machine import busy_seconds
 from optimizers.model import LoraOptions, load_policy
 from optimizers.trainer import TrainConfig, default_cache_dir, train
 
@@ -97,24 +98,18 @@ class CpuMeter:
     """CPU time of this process and of the whole machine between ``start`` and ``stop`` (Linux /proc)."""
 
     def start(self) -> None:
-        self.wall, self.own, self.total = time.monotonic(), time.process_time(), _machine_busy_seconds()
+        self.wall, self.own, self.total = time.monotonic(), time.process_time(), busy_seconds()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self.wall
         own = time.process_time() - self.own
-        total = _machine_busy_seconds() - self.total
+        total = busy_seconds() - self.total
         return {
             "wall_s": round(wall, 1),
             "this_process_cpu_s": round(own, 1),
             "other_processes_cpu_s": round(max(0.0, total - own), 1),
             "cores": os.cpu_count() or 0,
         }
-
-
-def _machine_busy_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # Lightwire ---------------------------------------------------------------------------------------------------

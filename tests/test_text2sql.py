@@ -172,6 +172,38 @@ def test_reward_keeps_row_order_only_when_the_reference_sorts(shop: Path) -> Non
     assert service.reward([(0.1 + 0.2,)], [(0.3,)], ordered=False) == 1.0
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_question_text_leads_back_to_its_reference_query(seed: int) -> None:
+    for split in tasks.SPLITS:
+        for task in tasks.questions(split, 150, seed):
+            found = tasks.find(task.question)
+            assert found is not None, task.question
+            assert (found.sql, found.family, found.template) == (task.sql, task.family, task.template)
+    assert tasks.find("Which customers live in Atlantis?") is None  # not a city of the database
+    assert tasks.find("What is the capital of France?") is None
+
+
+def test_the_judge_hook_scores_a_recorded_call_as_the_service_would(
+    shop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(service.DB_ENV, str(shop))
+    task = tasks.questions("heldout", 3)[2]
+    messages = [*agent.prompt(shop), {"role": "user", "content": task.question}]
+
+    def span(content: str, history: list[dict[str, str]] = []) -> dict[str, object]:  # noqa: B006
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        return {"request": {"messages": messages + history}, "response": reply}
+
+    assert service.judge(span(f"```sql\n{task.sql};\n```")) == 1.0
+    retry = [{"role": "assistant", "content": "SELECT"}, {"role": "user", "content": agent.RETRY.format(error="e")}]
+    assert service.judge(span(task.sql, retry)) == 1.0  # a later turn of the same question
+    assert service.judge(span("SELECT name FROM customers")) == 0.0  # runs, wrong rows
+    assert service.judge(span("SELECT nme FROM customers")) == 0.0  # fails
+    assert service.judge(span("I do not know.")) == 0.0  # no SQL
+    other = {"request": {"messages": [{"role": "user", "content": "What is the capital of France?"}]}}
+    assert service.judge(other) is None  # not this agent's call
+
+
 def test_the_sql_is_read_from_fences_prose_and_the_first_statement() -> None:
     assert agent.parse_sql("```sql\nSELECT name\nFROM customers;\n```") == "SELECT name FROM customers"
     assert agent.parse_sql("Sure! Here it is: select 1; select 2;") == "select 1"

@@ -37,6 +37,7 @@ EXAMPLES = (  # one listing with a filter, one count: the shapes a small model c
     ("How many customers are 30 years old?", "SELECT COUNT(*) FROM customers WHERE age = 30;"),
 )
 RETRY = "Error: {error}\nWrite a corrected SQL query."
+QUESTION_INDEX = 1 + 2 * len(EXAMPLES)  # where the question is in every call's messages: after the system and examples
 
 _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)(?:```|$)", re.DOTALL)
 _START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # Lightwire routes any model name to th
 DEFAULT_CONCURRENCY = 8
 DECIMALS = 4
 FEEDBACK_TIMEOUT = 30.0
+DB_ENV = "TEXT2SQL_DB"  # the database :func:`judge` runs queries against
 
 log = logging.getLogger("text2sql")
 
@@ -71,6 +73,33 @@ def _value(value: Any) -> Any:
         value = round(value, DECIMALS)
         return int(value) if value.is_integer() else value
     return value
+
+
+def judge(span: dict[str, Any]) -> float | None:
+    """The reward the service would give one recorded call, as a span hook (``examples.text2sql.service:judge``).
+
+    The question is read from the call's messages and its reference query recovered from the templates
+    (:func:`tasks.find`); the reply's SQL runs against the database in ``$TEXT2SQL_DB`` (default: the default
+    one). None for a call that is not one of this agent's questions. Meant as an ``eval_hook``: the optimizer
+    replays held-out prompts with a candidate and the active version and compares their judged answers; the
+    trainer still learns only from the rewards the service posts.
+    """
+    messages = (span.get("request") or {}).get("messages") or []
+    if len(messages) <= agent.QUESTION_INDEX:
+        return None
+    task = tasks.find(str(messages[agent.QUESTION_INDEX].get("content") or ""))
+    if task is None:
+        return None
+    choices = (span.get("response") or {}).get("choices") or [{}]
+    sql = agent.parse_sql((choices[0].get("message") or {}).get("content") or "")
+    if sql is None:
+        return 0.0
+    db_path = db.ensure(Path(os.environ.get(DB_ENV) or db.default_path()))
+    try:
+        rows = agent.run_sql(db_path, sql)
+    except sqlite3.Error:
+        return 0.0
+    return reward(rows, agent.run_sql(db_path, task.sql), ordered=task.ordered)
 
 
 def feedback_url(base_url: str) -> str:

@@ -24,6 +24,7 @@ The reference SQL is for the reward only: the service compares result sets; the 
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 from typing import Literal
@@ -355,3 +356,35 @@ def questions(split: Split, n: int, seed: int = DEFAULT_SEED) -> list[Task]:
         sql = template.sql.format(**values)
         tasks.append(Task(f"{split}-{i}", question, sql, family, template.name, split))
     return tasks
+
+
+def find(question: str) -> Task | None:
+    """The task a question text was made from (its template and slot values), or None: how a judge that sees only
+    the recorded call (a reward hook) recovers the reference query. Works for both splits, any seed."""
+    for template, pattern in _PATTERNS:
+        match = pattern.fullmatch(question.strip())
+        if match is None:
+            continue
+        values = {}
+        for slot, text in match.groupdict().items():
+            value = next((v for v in VALUES[slot] if str(v) == text), None)
+            if value is None:
+                break
+            values[slot] = value
+        else:
+            split: Split = "train" if all(values[s] in value_pools("train")[s] for s in values) else "heldout"
+            task_id = f"{template.name}:" + ",".join(f"{s}={v}" for s, v in values.items())
+            return Task(task_id, question, template.sql.format(**values), template.family, template.name, split)
+    return None
+
+
+def _pattern(phrasing: str) -> re.Pattern[str]:
+    parts = []
+    for literal, slot, _, _ in string.Formatter().parse(phrasing):
+        parts.append(re.escape(literal))
+        if slot:
+            parts.append(f"(?P<{slot}>.+?)")
+    return re.compile("".join(parts))
+
+
+_PATTERNS = tuple((t, _pattern(p)) for t in TEMPLATES for p in t.phrasings)

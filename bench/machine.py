@@ -1,0 +1,22 @@
+"""What the machine did while a benchmark ran, from Linux's ``/proc``: CPU seconds of everything and of given
+processes, so that a report can say how much of the CPU other processes took. On a shared machine the absolute
+figures move with that load; ratios measured side by side in one run move much less."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU time spent by everything on this machine (all cores) since boot: all but idle and iowait."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def process_seconds(pid: int) -> float:
+    """User and system CPU time of a live process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
