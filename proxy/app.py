@@ -32,6 +32,7 @@ from proxy.errors import (
     json_response,
 )
 from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
+from proxy.groups import SAMPLER, sampling
 from proxy.hooks import HOOKS, HookRunner
 from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
 from proxy.sessions import SESSION_HEADER, Sessions
@@ -73,6 +74,8 @@ def create_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(hooks_ctx)  # stops before the feedback desk and the writer it scores through
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(optimizer_ctx)
+    if config.group_samples:
+        app.cleanup_ctx.append(sampler_ctx)  # stops first: samples still running are cancelled
     for prefix in ("", "/s/{session}"):
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
         app.router.add_post(prefix + "/v1/completions", completions)
@@ -139,6 +142,12 @@ async def optimizer_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     async with running(optimizer):
+        yield
+
+
+async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with sampling(app[CONFIG], app[WRITER], app[BACKENDS]) as sampler:
+        app[SAMPLER] = sampler
         yield
 
 
@@ -249,6 +258,8 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
         sessions.finish(call.session_id, conversation, call.replies())
         response_id = call.response.get("id") if call.response else None
         sessions.remember_call(call.ids.span_id, response_id, call.session_id)
+        if target == POLICY and SAMPLER in request.app:
+            request.app[SAMPLER].after(call, request.headers)  # in the background, once the answer is complete
 
 
 async def _forward_to_policy(request: web.Request, call: Call, found: Backends) -> web.StreamResponse:

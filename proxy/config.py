@@ -112,6 +112,11 @@ class Config:
         "discounted", "Session reward to turns: last, broadcast or discounted; per-turn feedback wins."
     )
     discount: float = setting(0.9, "Discount per turn from the end, for credit_policy=discounted.")
+    group_samples: int = setting(
+        0,
+        "Answers per prompt served by the policy: the sidecar samples the missing ones in the background, "
+        "unseen by the client, for GRPO groups (0: off).",
+    )
     # The optimizer
     optimize: bool = setting(True, "Train, evaluate and publish adapters in the background (needs the policy).")
     train_algorithm: str = setting("sft", "What runs optimize: sft (filtered behaviour cloning), kto or grpo.")
@@ -145,6 +150,8 @@ class Config:
             raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
         if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:
             raise ConfigError("max_body_mb, max_pending_spans and upstream_connections must be positive")
+        if self.group_samples < 0:
+            raise ConfigError(f"group_samples must be 0 (off) or more, not {self.group_samples}")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http(s) URL, not {self.upstream!r}")
 

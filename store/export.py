@@ -6,6 +6,7 @@ record per choice. A record::
     span_id, session_id, turn_index   the call and its place in its session
     choice                            the choice's index in the response
     split                             "train" or "heldout": a hash of session_id, so a session never straddles
+                                      (a group sample, which has none: of its client's session)
     model, adapter_version            the model that answered (response_model) and the adapter that served it
     messages                          the request's messages (chat) or its prompt (text completions), as sent
     prompt                            the same as messages: TRL's and verl's name for it
@@ -56,6 +57,7 @@ import duckdb
 import orjson
 
 from optimizers import credit
+from store.spans import SAMPLE_SOURCE
 
 FORMATS = ("jsonl", "parquet")
 DEFAULT_SESSION_SPLIT = 0.1
@@ -196,10 +198,12 @@ def records(con: duckdb.DuckDBPyConnection, options: Options) -> Iterator[dict[s
     cursor = con.execute(
         f"""
         SELECT span_id, session_id, turn_index, operation_name, request, response, prompt_token_ids,
-               completion_token_ids, completion_logprobs, adapter_version, response_model
+               completion_token_ids, completion_logprobs, adapter_version, response_model,
+               coalesce(session_id, (SELECT client.session_id FROM spans client
+                                     WHERE client.span_id = spans.parent_span_id AND spans.session_source = $sample))
         FROM spans WHERE {OK} {window} ORDER BY start_time, span_id
         """,
-        {"since": options.since} if options.since else {},
+        {"sample": SAMPLE_SOURCE, **({"since": options.since} if options.since else {})},
     )
     while rows := cursor.fetchmany(FETCH_ROWS):
         for row in rows:
@@ -211,12 +215,11 @@ def records(con: duckdb.DuckDBPyConnection, options: Options) -> Iterator[dict[s
 
 def _call_records(row: tuple[Any, ...], rewards: dict[str, float], options: Options) -> Iterator[dict[str, Any]]:
     span_id, session_id, turn_index, operation, request, response, prompt_ids, completion_ids, logprobs = row[:9]
-    adapter_version, model = row[9:]
+    adapter_version, model, split_session = row[9:]
     body = orjson.loads(request)
     chat = operation == "chat"
     prompt = body.get("messages") if chat else body.get("prompt")
-    session = session_id or span_id
-    split = split_of(session, options.session_split)
+    split = split_of(split_session or span_id, options.session_split)  # a group sample: its client's session
     reward = rewards.get(options.reward_name)
     choices = (orjson.loads(response).get("choices") or []) if response else []
     for position, choice in enumerate(choices):

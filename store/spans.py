@@ -45,6 +45,10 @@ class Span(Row):
     adapter_version: str | None = None
 
 
+# The session_source of an extra answer the sidecar sampled for a group (proxy.groups): it has no session, and its
+# parent_span_id is the client's call whose prompt it answers.
+SAMPLE_SOURCE = "sample"
+
 SPAN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Span))
 
 # Column -> OpenTelemetry attribute (GenAI semantic conventions, and OpenInference names Phoenix reads).

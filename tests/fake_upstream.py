@@ -17,9 +17,11 @@ Each request may steer it with headers (the proxy passes unknown headers through
 
 ``replies`` maps a model name to the content answered to requests for that model, like ``x-fake-content``, and
 ``failures`` to an error status, like ``x-fake-status``, for clients that cannot set headers (litellm).
+``delays`` holds the seconds that the first requests, in the order they arrive, wait before their answer: for
+requests the proxy makes on its own, which carry the client's headers.
 
-With ``vllm=True`` it behaves like vLLM where the proxy cares: ``/v1/models`` says ``owned_by: vllm`` and
-``return_token_ids`` / ``logprobs`` are honoured, in streams too. Run it alone with
+With ``vllm=True`` it behaves like vLLM where the proxy cares: ``/v1/models`` says ``owned_by: vllm``,
+``/health`` answers, and ``return_token_ids`` / ``logprobs`` are honoured, in streams too. Run it alone with
 ``python -m tests.fake_upstream --port 0`` (it prints its base URL).
 """
 
@@ -53,6 +55,7 @@ class FakeUpstream:
     disconnects: int = 0  # requests whose client went away before the response was complete
     replies: dict[str, str] = field(default_factory=dict)  # model -> content of its answers
     failures: dict[str, int] = field(default_factory=dict)  # model -> the error status it answers with
+    delays: list[float] = field(default_factory=list)  # seconds the first requests wait, in order of arrival
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -65,6 +68,8 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        if self.vllm:
+            app.router.add_get("/health", self.health)
         return app
 
     async def start(self, port: int = 0) -> FakeUpstream:
@@ -87,6 +92,9 @@ class FakeUpstream:
             {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": owner}]}
         )
 
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, "chat")
 
@@ -98,6 +106,8 @@ class FakeUpstream:
         self.requests.append(Seen(request.path, dict(request.headers), body))
         h = request.headers
         try:
+            if len(self.requests) <= len(self.delays):
+                await asyncio.sleep(self.delays[len(self.requests) - 1])
             if "x-fake-delay" in h:
                 await asyncio.sleep(float(h["x-fake-delay"]))
             if "x-fake-status" in h or body.get("model") in self.failures:

@@ -1,4 +1,4 @@
-"""Reward hooks for tests of the optimizer's evaluation: deterministic judges of which version answered."""
+"""Reward hooks for tests: deterministic judges of which version answered, or of who asked."""
 
 from __future__ import annotations
 
@@ -15,3 +15,8 @@ def always_one(span: dict[str, Any]) -> float:
 def prefers_base(span: dict[str, Any]) -> float:
     """Only the base model's answers are good: any candidate adapter is worse."""
     return 1.0 if (span.get("response") or {}).get("model") == BASE_MODEL else 0.0
+
+
+def is_sample(span: dict[str, Any]) -> float:
+    """The sidecar's extra samples score 1, clients' own answers 0: a group whose rewards differ."""
+    return 1.0 if span.get("session_source") == "sample" else 0.0
