@@ -14,7 +14,9 @@ since the last run (or at once, from ``POST /admin/train`` / ``lightwire train``
    online, as a canary on ``eval_canary_fraction`` of new sessions until each arm has ``eval_min_sessions``
    rewarded sessions (or ``eval_timeout`` passes: then there is no evidence, and the candidate is retired).
    The rule, both ways: **promote only if the candidate's mean reward is at least the active version's**, on the
-   same held-out prompts (offline) or over each arm's sessions (online). A worse candidate is never promoted.
+   same held-out prompts (offline) or over the sessions that began during the canary (online). Online, a
+   candidate that is clearly worse (a one-sided test, :mod:`optimizers.canary`) is retired before that, once
+   each arm has a few rewarded sessions. A candidate that scores worse is never promoted.
 5. **Publish** through the hot-swap, or retire the candidate, and record the run with its decision and why.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from optimizers import canary
 from optimizers.publish import Publisher
 from proxy.backends import Backends
 from proxy.config import Config
@@ -251,32 +254,19 @@ class Optimizer:
         await self.publisher.start_canary(version, self.config.eval_canary_fraction)
         started = datetime.now(UTC)
         deadline = time.monotonic() + self.config.eval_timeout
-        arms: dict[str, tuple[int, float]] = {}
-        while time.monotonic() < deadline:
+        arms: dict[str, canary.Arm] = {}
+        decision = None
+        while decision is None and time.monotonic() < deadline:
             await asyncio.sleep(EVAL_POLL_S)
-            arms = await self._read(_arm_rewards, started, version)
-            if all(arms.get(arm, (0, 0.0))[0] >= self.config.eval_min_sessions for arm in ("active", "candidate")):
-                break
-        else:
-            counts = {arm: n for arm, (n, _) in arms.items()}
-            return {
-                "method": "online",
-                "arms": counts,
-                "promote": False,
-                "why": f"not enough rewarded sessions in {self.config.eval_timeout:g} s: {counts}",
-            }
-        means = {arm: mean for arm, (_, mean) in arms.items()}
-        promote = means["candidate"] >= means["active"]
-        why = (
-            f"canary mean reward {means['candidate']:.3f} vs active {means['active']:.3f} over "
-            f"{arms['candidate'][0]} and {arms['active'][0]} rewarded sessions"
-        )
-        return {
-            "method": "online",
-            "arms": {a: {"sessions": n, "mean": m} for a, (n, m) in arms.items()},
-            "promote": promote,
-            "why": why,
-        }
+            arms = await self._read(canary.arm_rewards, started, version)
+            decision = canary.decide(arms, self.config.eval_min_sessions)
+        counts = {arm: arms.get(arm, canary.Arm()).public() for arm in canary.ARMS}
+        if decision is None:
+            sessions = {arm: count["sessions"] for arm, count in counts.items()}
+            why = f"not enough rewarded sessions in {self.config.eval_timeout:g} s: {sessions}"
+            return {"method": "online", "arms": counts, "promote": False, "why": why}
+        promote, why = decision
+        return {"method": "online", "arms": counts, "promote": promote, "why": why}
 
     # -- the record ---------------------------------------------------------------------------------------------
 
@@ -305,26 +295,6 @@ def _new_rewards(con: Any) -> int:
         "TIMESTAMPTZ '1970-01-01')"
     ).fetchone()
     return int(row[0])
-
-
-def _arm_rewards(con: Any, since: datetime, version: str) -> dict[str, tuple[int, float]]:
-    """Per arm of a canary (sessions served by ``version`` or not, since ``since``): rewarded sessions and their
-    mean reward (a session's reward: the mean of its feedback)."""
-    rows = con.execute(
-        """
-        WITH served AS (
-            SELECT session_id, bool_or(adapter_version = $version) AS canary
-            FROM spans WHERE start_time >= $since AND session_id IS NOT NULL GROUP BY session_id
-        ), rewarded AS (
-            SELECT s.session_id, s.canary, avg(f.value) AS reward
-            FROM served s JOIN feedback f ON f.session_id = s.session_id AND f.name = 'reward'
-            GROUP BY s.session_id, s.canary
-        )
-        SELECT CASE WHEN canary THEN 'candidate' ELSE 'active' END, count(*), avg(reward) FROM rewarded GROUP BY 1
-        """,
-        {"since": since, "version": version},
-    ).fetchall()
-    return {arm: (int(n), float(mean)) for arm, n, mean in rows}
 
 
 def _train_split(data: Path, out: Path) -> None:
