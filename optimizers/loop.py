@@ -9,8 +9,9 @@ since the last run (or at once, from ``POST /admin/train`` / ``lightwire train``
    weights being served: in ``merged`` mode a fresh LoRA on the active merged weights, in ``lora`` mode the
    active adapter trained further.
 3. **Register** the adapter as a candidate version, with the run's data and settings.
-4. **Evaluate** against the active version. With span reward hooks configured: offline, by replaying held-out
-   prompts greedily through vLLM with both versions and scoring the answers with the hooks. Without hooks:
+4. **Evaluate** against the active version. With judging hooks (``eval_hooks``, else the span hooks): offline,
+   by replaying held-out prompts greedily through vLLM with both versions, ``EVAL_CONCURRENCY`` at a time, and
+   scoring the answers with the hooks. Without hooks:
    online, as a canary on ``eval_canary_fraction`` of new sessions until each arm has ``eval_min_sessions``
    rewarded sessions (or ``eval_timeout`` passes: then there is no evidence, and the candidate is retired).
    The rule, both ways: **promote only if the candidate's mean reward is at least the active version's**, on the
@@ -52,15 +53,16 @@ log = logging.getLogger(__name__)
 POLL_S = 10.0  # how often the loop checks whether a run is due
 EVAL_POLL_S = 5.0  # how often an online evaluation counts rewards
 EVAL_MAX_TOKENS = 256
+EVAL_CONCURRENCY = 8  # held-out prompts replayed at once: vLLM batches them
 TRAINER_NO_DATA = 3  # optimizers.trainer's exit status when nothing is usable
 
 
 class Optimizer:
-    def __init__(self, config: Config, writer: Writer, backends: Backends, hooks: tuple[Hook, ...] = ()) -> None:
+    def __init__(self, config: Config, writer: Writer, backends: Backends, judges: tuple[Hook, ...] = ()) -> None:
         self.config = config
         self.writer = writer
         self.backends = backends
-        self.hooks = hooks
+        self.judges = judges  # span hooks that score offline evaluations; none: evaluate online
         self.runs_dir = config.runs_dir.resolve()
         self._lock = asyncio.Lock()
         self._last_start = 0.0
@@ -215,7 +217,7 @@ class Optimizer:
     # -- evaluation ---------------------------------------------------------------------------------------------
 
     async def _evaluate(self, version: str, active: Version, folder: Path) -> dict[str, Any]:
-        if self.hooks:
+        if self.judges:
             return await self._offline(version, active, folder / "data.jsonl")
         return await self._online(version)
 
@@ -224,14 +226,20 @@ class Optimizer:
         if not prompts:
             return {"method": "offline", "promote": False, "why": "no held-out prompts to evaluate on"}
         candidate = await self.publisher.load_candidate(version)
+        gate = asyncio.Semaphore(EVAL_CONCURRENCY)
+
+        async def score(model: str, messages: list[dict[str, Any]]) -> float:
+            async with gate:
+                return await self._score(model, messages)
+
         scores = {}
         for arm, model in (("active", active.served_name), ("candidate", candidate.served_name)):
-            scores[arm] = [await self._score(model, messages) for messages in prompts]
+            scores[arm] = await asyncio.gather(*(score(model, messages) for messages in prompts))
         means = {arm: sum(values) / len(values) for arm, values in scores.items()}
         promote = means["candidate"] >= means["active"]
         why = (
             f"held-out mean reward {means['candidate']:.3f} (candidate) vs {means['active']:.3f} (active) "
-            f"on {len(prompts)} prompts, scored by {', '.join(h.name for h in self.hooks)}"
+            f"on {len(prompts)} prompts, scored by {', '.join(h.name for h in self.judges)}"
         )
         return {"method": "offline", "prompts": len(prompts), "means": means, "promote": promote, "why": why}
 
@@ -244,7 +252,7 @@ class Optimizer:
             response = await resp.json()
         span = {"request": body, "response": response, "http_status": resp.status, "operation_name": "chat"}
         values = []
-        for hook in self.hooks:
+        for hook in self.judges:
             scored = rewards(await hook(span, self.config))
             if scored:
                 values.append(scored.get("reward", next(iter(scored.values()))))

@@ -33,7 +33,7 @@ from proxy.errors import (
 )
 from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
 from proxy.groups import SAMPLER, sampling
-from proxy.hooks import HOOKS, HookRunner
+from proxy.hooks import HOOKS, HookRunner, load_hook
 from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
 from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
@@ -136,8 +136,10 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 async def optimizer_ctx(app: web.Application) -> AsyncIterator[None]:
     """The optimizer, running in the background when ``optimize`` is on (it waits for the policy to be ready)."""
     config, found = app[CONFIG], app[BACKENDS]
-    span_hooks = app[HOOKS].hooks["span"] if HOOKS in app else ()
-    optimizer = app[OPTIMIZER] = Optimizer(config, app[WRITER], found, span_hooks)
+    judges = tuple(load_hook(name, "eval") for name in config.eval_hooks)
+    if not judges and HOOKS in app:
+        judges = tuple(app[HOOKS].hooks["span"])
+    optimizer = app[OPTIMIZER] = Optimizer(config, app[WRITER], found, judges)
     if not (config.optimize and (config.vllm or (not config.upstream and not config.provider_models))):
         yield
         return

@@ -127,7 +127,12 @@ class Config:
     train_threads: int = setting(1, "torch CPU threads of optimizer runs (0: torch's choice); vLLM shares the CPU.")
     runs_dir: Path = setting(Path("lightwire-runs"), "Where optimizer runs keep their data, logs and checkpoints.")
     eval_split: float = setting(0.1, "Share of sessions held out of training, to evaluate candidates on.")
-    eval_max_prompts: int = setting(32, "Held-out prompts replayed per offline evaluation (with span hooks).")
+    eval_hooks: tuple[str, ...] = setting(
+        (),
+        "Span hook that only judges candidates offline, never live calls (default: the span hooks; repeatable).",
+        flag="--eval-hook",
+    )
+    eval_max_prompts: int = setting(32, "Held-out prompts replayed per offline evaluation (with judging hooks).")
     eval_canary_fraction: float = setting(0.5, "Share of sessions a candidate gets in an online evaluation.")
     eval_min_sessions: int = setting(20, "Rewarded sessions each arm needs before an online evaluation decides.")
     eval_timeout: float = setting(1800.0, "Seconds an online evaluation waits for them; then the candidate retires.")
