@@ -1,8 +1,9 @@
 """The optimizer end to end on the real model and a real vLLM: export, train in a child process, evaluate
-offline with reward hooks, then publish or reject, and record the run."""
+offline with reward hooks or online as a canary on live sessions, then publish or reject, and record the run."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,8 +29,11 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
 
 
 @asynccontextmanager
-async def sidecar(server: VllmServer, model_dir: Path, tmp_path: Path, hook: str | None) -> AsyncIterator[Proxy]:
-    """A sidecar on the shared vLLM whose span hook (which also scores every call) judges candidates."""
+async def sidecar(
+    server: VllmServer, model_dir: Path, tmp_path: Path, hook: str | None, **overrides: Any
+) -> AsyncIterator[Proxy]:
+    """A sidecar on the shared vLLM whose span hook (which also scores every call) judges candidates; without
+    one, candidates are evaluated online."""
     config = settings.load(
         environ={},
         vllm=(server.base_url + "/v1",),
@@ -43,6 +47,7 @@ async def sidecar(server: VllmServer, model_dir: Path, tmp_path: Path, hook: str
         runs_dir=tmp_path / "runs",
         db=tmp_path / "lw.duckdb",
         train_learning_rate=1e-3,
+        **overrides,
     )
     proxy = await Proxy(config).start()
     try:
@@ -53,7 +58,7 @@ async def sidecar(server: VllmServer, model_dir: Path, tmp_path: Path, hook: str
 
 async def admin(proxy: Proxy, method: str, path: str) -> tuple[int, Any]:
     async with (
-        aiohttp.ClientSession() as http,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,  # a run takes minutes
         http.request(method, proxy.url.removesuffix("/v1") + path, json={}) as resp,
     ):
         return resp.status, await resp.json()
@@ -123,3 +128,114 @@ async def test_a_run_with_nothing_rewarded_ends_without_an_adapter(
         assert "no usable data" in run["reason"]
         assert (await admin(proxy, "GET", "/admin/adapters"))[1]["data"] == []
         assert [r["status"] for r in (await admin(proxy, "GET", "/admin/runs"))[1]["data"]] == ["no_data"]
+
+
+async def ask(proxy: Proxy, session: str) -> str:
+    """One more turn in ``session``; the model that answered."""
+    client = openai.AsyncOpenAI(
+        base_url=proxy.url, api_key="k", max_retries=0, default_headers={"x-lightwire-session": session}
+    )
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    return (await client.chat.completions.create(model="agent", messages=question, max_tokens=4)).model
+
+
+async def canary_sessions(proxy: Proxy, run: asyncio.Task[tuple[int, Any]], rewards: dict[str, float]) -> list[str]:
+    """While ``run`` evaluates its candidate as a canary: two-turn sessions, each rewarded by the arm that served it
+    (``rewards[arm]``). Returns the arm of each session that ended before the evaluation decided."""
+    root = proxy.url.removesuffix("/v1")
+    arms: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        while not run.done():
+            async with http.get(root + "/healthz") as resp:
+                if (await resp.json())["policy"]["canary"] is None:  # still training
+                    await asyncio.sleep(1)
+                    continue
+            if not arms:  # a rewarded session from before the canary carries on: not evidence for either arm
+                await ask(proxy, "task-0")
+            session = f"eval-{len(arms)}"
+            client = openai.AsyncOpenAI(
+                base_url=proxy.url, api_key="k", max_retries=0, default_headers={"x-lightwire-session": session}
+            )
+            messages: list[Any] = [{"role": "user", "content": QUESTIONS[len(arms) % len(QUESTIONS)]}]
+            served = []
+            for _ in range(2):
+                answer = await client.chat.completions.create(
+                    model="agent", messages=messages, temperature=1.0, max_tokens=8
+                )
+                served.append(answer.model)  # the canary answers under its LoRA name, lw-<version>-<hash>
+                messages += [{"role": "assistant", "content": answer.choices[0].message.content}]
+                messages += [{"role": "user", "content": "Tell me more."}]
+            arm = "candidate" if served[0].startswith("lw-") else "active"
+            async with http.post(root + "/feedback", json={"session_id": session, "reward": rewards[arm]}) as resp:
+                assert resp.status == 200
+            if (await admin(proxy, "GET", "/admin/runs"))[1]["data"][-1]["evaluation"] is not None:
+                break  # decided during this session: its second turn may have met the swap or the retirement
+            assert served[0] == served[1], f"session {session} straddled arms: {served}"
+            arms.append(arm)
+    return arms
+
+
+async def evaluate_online(proxy: Proxy, rewards: dict[str, float]) -> tuple[dict[str, Any], list[str]]:
+    """Train on rewarded turns, then evaluate the candidate online with rewarded canary sessions."""
+    await traffic(proxy, reward=1.0)
+    run = asyncio.create_task(admin(proxy, "POST", "/admin/train"))
+    arms = await canary_sessions(proxy, run, rewards)
+    status, record = await run
+    assert status == 200, record
+    return record, arms
+
+
+def assert_whole_sessions(db: Path, sessions: int) -> None:
+    """The two turns of every canary session that ended before the decision were served by one version."""
+    rows = read_rows(
+        db,
+        "SELECT session_id, list(DISTINCT coalesce(adapter_version, 'base')) AS versions, count(*) AS turns "
+        "FROM spans WHERE session_id LIKE 'eval-%' AND turn_index < 2 GROUP BY session_id",
+    )
+    clean = {f"eval-{i}" for i in range(sessions)}
+    assert clean <= {r["session_id"] for r in rows}
+    assert all(len(r["versions"]) == 1 and r["turns"] == 2 for r in rows if r["session_id"] in clean)
+
+
+async def test_online_a_better_candidate_is_promoted_once_each_arm_has_enough_rewarded_sessions(
+    vllm_server: VllmServer, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    overrides = {"eval_min_sessions": 3, "eval_timeout": 300.0}
+    async with sidecar(vllm_server, embedded_model_dir, tmp_path, None, **overrides) as proxy:
+        run, arms = await evaluate_online(proxy, {"candidate": 1.0, "active": 0.0})
+        assert run["status"] == "published" and run["candidate"] == "v1", run
+        evaluation = run["evaluation"]
+        assert evaluation["method"] == "online" and evaluation["promote"] is True
+        candidate, active = evaluation["arms"]["candidate"], evaluation["arms"]["active"]
+        assert (candidate["mean"], active["mean"]) == (1.0, 0.0)
+        # It decided at the first poll with 3 rewarded sessions in each arm. Only sessions that began during the
+        # canary count: task-0 (rewarded 1.0 before it, served by the active version) would lift the active mean.
+        assert 3 <= candidate["sessions"] <= arms.count("candidate") + 1
+        assert 3 <= active["sessions"] <= arms.count("active") + 1
+        assert (await admin(proxy, "GET", "/admin/adapters"))[1]["active"] == "v1"
+        rolled = (await admin(proxy, "POST", "/admin/rollback"))[1]  # leave vLLM with the base weights
+        assert rolled == {"rolled_back": "v1", "active": "base"}
+    assert_whole_sessions(tmp_path / "lw.duckdb", len(arms))
+
+
+async def test_online_a_clearly_worse_candidate_is_retired_early_and_stops_serving(
+    vllm_server: VllmServer, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    # eval_min_sessions is far off: only the early one-sided test can end this evaluation in time.
+    overrides = {"eval_min_sessions": 100, "eval_timeout": 300.0}
+    async with sidecar(vllm_server, embedded_model_dir, tmp_path, None, **overrides) as proxy:
+        run, arms = await evaluate_online(proxy, {"candidate": 0.0, "active": 1.0})
+        assert run["status"] == "rejected" and run["candidate"] == "v1", run
+        evaluation = run["evaluation"]
+        assert evaluation["promote"] is False and "clearly worse, stopped early" in evaluation["why"]
+        candidate, active = evaluation["arms"]["candidate"], evaluation["arms"]["active"]
+        assert (candidate["mean"], active["mean"]) == (0.0, 1.0)
+        assert 5 <= candidate["sessions"] < 100 and 5 <= active["sessions"] < 100
+        listing = (await admin(proxy, "GET", "/admin/adapters"))[1]
+        assert listing["active"] == "base" and listing["data"][0]["status"] == "retired"
+        health = (await admin(proxy, "GET", "/healthz"))[1]
+        assert health["policy"]["canary"] is None
+        # A retired candidate serves no one, not even the sessions it served during the canary.
+        for session in [f"eval-{i}" for i, arm in enumerate(arms) if arm == "candidate"][:2]:
+            assert not (await ask(proxy, session)).startswith("lw-")
+    assert_whole_sessions(tmp_path / "lw.duckdb", len(arms))
