@@ -15,8 +15,17 @@ from proxy.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from examples.text2sql import demo
+
+        demo.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="lightwire", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(  # listed here; its own parser, imported only when it runs, reads its arguments
+        "demo", help="Watch an unmodified text-to-SQL agent learn from its own traffic, on the embedded model."
+    )
     serve = commands.add_parser("serve", help="Run the proxy: forward model calls and record them.")
     settings.add_arguments(serve)
     commands.add_parser("settings", help="Print every setting as a Markdown table.")
