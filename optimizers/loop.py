@@ -3,8 +3,9 @@
 A run starts when ``train_min_turns`` new rewards have arrived and ``train_min_interval`` seconds have passed
 since the last run (or at once, from ``POST /admin/train`` / ``lightwire train``). Read it top to bottom:
 
-1. **Data.** Export the store's records (credit assignment as configured) into the run folder; sessions are split
-   into train and held-out by a hash of their id (``eval_split``). The file's sha256 is recorded.
+1. **Data.** Export the store's records (credit assignment as configured) into the run folder: the sessions
+   since the data the active version was trained on (``train_window`` = ``new``), or all of them (``all``).
+   Sessions are split into train and held-out by a hash of their id (``eval_split``). The sha256 is recorded.
 2. **Train** in a separate process (``python -m optimizers.trainer``): serving never pauses. It starts from the
    weights being served: in ``merged`` mode a fresh LoRA on the active merged weights, in ``lora`` mode the
    active adapter trained further.
@@ -135,10 +136,12 @@ class Optimizer:
                 raise
 
     async def _export(self, folder: Path) -> dict[str, Any]:
+        since = self._window_start()
         options = export.Options(
             credit_policy=self.config.credit_policy,
             discount=self.config.discount,
             session_split=self.config.eval_split,
+            since=since,
         )
 
         def write() -> dict[str, Any]:
@@ -151,9 +154,21 @@ class Optimizer:
             "records": meta["records"],
             "splits": meta["splits"],
             "sha256": meta["sha256"],
+            "since": since.isoformat() if since else None,
             "until": meta["created_at"],
             "credit_policy": meta["credit_policy"],
         }
+
+    def _window_start(self) -> datetime | None:
+        """Where the run's data starts: with ``train_window`` = ``new``, after the data the active version was
+        trained on (it has learned that already; a run starts from its weights); else, and for the base model or
+        a version made elsewhere, at the beginning."""
+        active = self.publisher.policy.active.version
+        adapter = self.publisher.adapters.get(active or "")
+        if self.config.train_window == "all" or adapter is None:
+            return None
+        until = json.loads(adapter.data or "{}").get("until")
+        return datetime.fromisoformat(until) if until else None
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {

@@ -124,6 +124,9 @@ class Config:
     train_min_interval: float = setting(300.0, "Least seconds between the starts of two optimizer runs.")
     train_learning_rate: float = setting(2e-4, "Learning rate of optimizer runs.")
     train_epochs: int = setting(1, "Passes over the training data per run.")
+    train_window: str = setting(
+        "new", "Sessions a run trains on: new (since the active version's data: it learned the rest) or all."
+    )
     train_threads: int = setting(1, "torch CPU threads of optimizer runs (0: torch's choice); vLLM shares the CPU.")
     runs_dir: Path = setting(Path("lightwire-runs"), "Where optimizer runs keep their data, logs and checkpoints.")
     eval_split: float = setting(0.1, "Share of sessions held out of training, to evaluate candidates on.")
@@ -149,6 +152,8 @@ class Config:
             raise ConfigError(f"swap_mode must be auto, lora or merged, not {self.swap_mode!r}")
         if any("=" not in route for route in self.routes):
             raise ConfigError("routes are MODEL=TARGET, e.g. gpt-4o-mini=policy")
+        if self.train_window not in {"new", "all"}:
+            raise ConfigError(f"train_window must be new or all, not {self.train_window!r}")
         if self.train_algorithm not in {"sft", "kto", "grpo"}:
             raise ConfigError(f"train_algorithm must be sft, kto or grpo, not {self.train_algorithm!r}")
         if self.credit_policy not in {"last", "broadcast", "discounted"}:

@@ -64,13 +64,16 @@ async def admin(proxy: Proxy, method: str, path: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-async def traffic(proxy: Proxy, *, reward: float | None) -> None:
+async def traffic(proxy: Proxy, *, reward: float | None, sessions: str = "task") -> None:
     """Twelve one-turn sessions, answered by the served model, each rewarded."""
     root = proxy.url.removesuffix("/v1")
     async with aiohttp.ClientSession() as http:
         for i in range(12):
             client = openai.AsyncOpenAI(
-                base_url=proxy.url, api_key="k", max_retries=0, default_headers={"x-lightwire-session": f"task-{i}"}
+                base_url=proxy.url,
+                api_key="k",
+                max_retries=0,
+                default_headers={"x-lightwire-session": f"{sessions}-{i}"},
             )
             await client.chat.completions.create(
                 model="agent",
@@ -79,7 +82,7 @@ async def traffic(proxy: Proxy, *, reward: float | None) -> None:
                 max_tokens=24,
             )
             if reward is not None:
-                async with http.post(root + "/feedback", json={"session_id": f"task-{i}", "reward": reward}) as r:
+                async with http.post(root + "/feedback", json={"session_id": f"{sessions}-{i}", "reward": reward}) as r:
                     assert r.status == 200
 
 
@@ -95,14 +98,21 @@ async def test_a_run_trains_on_rewarded_turns_and_publishes_a_candidate_as_good_
         assert run["training"]["losses"] and all(loss > 0 for loss in run["training"]["losses"])
         assert run["evaluation"]["method"] == "offline" and run["evaluation"]["means"]["candidate"] == 1.0
         assert (await admin(proxy, "GET", "/admin/adapters"))[1]["active"] == "v1"
-        # The next calls are served by the published version (merged into the served weights).
-        await traffic(proxy, reward=None)
-        status, rolled = await admin(proxy, "POST", "/admin/rollback")  # leave vLLM with the base weights
-        assert rolled == {"rolled_back": "v1", "active": "base"}
+        # The next calls are served by the published version (merged into the served weights), and the next run
+        # learns from them only: v1 learned the earlier ones (train_window = new).
+        await traffic(proxy, reward=1.0, sessions="later")
+        status, second = await admin(proxy, "POST", "/admin/train")
+        assert status == 200 and second["parent"] == "v1", second
+        assert second["data"]["records"] == 12 and second["data"]["since"] == run["data"]["until"]
+        published = [second["candidate"], "v1"] if second["status"] == "published" else ["v1"]
+        for version in published:
+            status, rolled = await admin(proxy, "POST", "/admin/rollback")  # leave vLLM with the base weights
+            assert status == 200 and rolled["rolled_back"] == version
+        assert rolled["active"] == "base"
     served = read_rows(tmp_path / "lw.duckdb", "SELECT adapter_version FROM spans ORDER BY start_time")
     assert [r["adapter_version"] for r in served] == [None] * 12 + ["v1"] * 12
-    [recorded] = read_rows(tmp_path / "lw.duckdb", "SELECT status, candidate, data, training FROM runs")
-    assert recorded["status"] == "published" and recorded["candidate"] == "v1"
+    recorded = read_rows(tmp_path / "lw.duckdb", "SELECT status, candidate, data FROM runs ORDER BY started_at")
+    assert [(r["status"], r["candidate"]) for r in recorded] == [("published", "v1"), (second["status"], "v2")]
 
 
 async def test_a_worse_candidate_is_never_promoted(
