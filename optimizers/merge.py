@@ -68,10 +68,10 @@ def _merge_tensors(base: Path, adapter: Path, out: Path, config: dict[str, Any])
     lora = load_file(adapter / ADAPTER_WEIGHTS)
     deltas: dict[str, torch.Tensor] = {}  # base weight name -> (alpha / r) * B @ A
     for key, a in lora.items():
-        module, sep, _ = key.partition(".lora_A.")
+        module, sep, suffix = key.partition(".lora_A.")
         if not sep:
             continue
-        b = lora[f"{module}.lora_B.{key.partition('.lora_A.')[2]}"]
+        b = lora[f"{module}.lora_B.{suffix}"]
         deltas[module.removeprefix("base_model.model.") + ".weight"] = scale * (b.float() @ a.float())
     if len(deltas) * 2 != len(lora):
         raise ValueError(f"{adapter}: weights other than lora_A/lora_B pairs; cannot merge them tensor by tensor")

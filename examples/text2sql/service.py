@@ -27,6 +27,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,13 @@ def judge(span: dict[str, Any]) -> float | None:
         rows = agent.run_sql(db_path, sql)
     except sqlite3.Error:
         return 0.0
-    return reward(rows, agent.run_sql(db_path, task.sql), ordered=task.ordered)
+    return reward(rows, reference(db_path, task.sql), ordered=task.ordered)
+
+
+@cache
+def reference(db_path: Path, sql: str) -> tuple[tuple[Any, ...], ...]:
+    """The rows of a reference query, run once per database and query (the database never changes)."""
+    return tuple(agent.run_sql(db_path, sql))
 
 
 def feedback_url(base_url: str) -> str:
@@ -130,7 +137,6 @@ async def run_tasks(
     """Solve every task (``concurrency`` at a time), score it, and post its reward to ``url`` unless ``feedback``
     is ``None``. A task whose calls fail is logged and left out of the outcomes."""
     gate = asyncio.Semaphore(concurrency)
-    references: dict[str, list[tuple[Any, ...]]] = {}
 
     async def one(task: tasks.Task) -> Outcome | None:
         async with gate:
@@ -139,9 +145,7 @@ async def run_tasks(
             except openai.APIError as exc:
                 log.warning("%s: the model call failed: %s", task.id, exc)
                 return None
-        if task.sql not in references:
-            references[task.sql] = await asyncio.to_thread(agent.run_sql, db_path, task.sql)
-        value = reward(attempt.rows, references[task.sql], ordered=task.ordered)
+        value = reward(attempt.rows, await asyncio.to_thread(reference, db_path, task.sql), ordered=task.ordered)
         posted = False
         if feedback is not None and attempt.last_response_id is not None:
             try:
