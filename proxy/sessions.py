@@ -16,6 +16,10 @@ greedy answer in two conversations) register the same key twice; each continuati
 session, and once all are claimed (a retry, or a branch) the call joins the most recent one.
 
 The turn index is the call's order in its session, from 0.
+
+Every entry these tables hold is a plain tuple of strings and numbers. CPython's cycle collector stops tracking
+such tuples (not those of a tuple subclass), so full collections do not walk the index: with a tracked object per
+entry they grew with it, pausing the event loop for over 100 ms once the index held about 100,000 calls.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -39,11 +42,10 @@ INDEX_CAPACITY = 200_000
 MAX_CLAIMS = 16
 
 
-@dataclass(slots=True)
-class SessionState:
-    next_turn: int = 0
-    in_flight: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
+# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity).
+SessionState = tuple[int, int, float]
+# The sessions whose reply ended a conversation prefix, oldest first, each with whether a call continued it.
+Claims = tuple[tuple[str, bool], ...]
 
 
 class Sessions:
@@ -52,8 +54,7 @@ class Sessions:
     def __init__(self, capacity: int = INDEX_CAPACITY) -> None:
         self.capacity = capacity
         self.active: OrderedDict[str, SessionState] = OrderedDict()
-        # conversation-prefix hash -> the sessions whose reply ended it, each with whether a call continued it
-        self._replies: OrderedDict[bytes, OrderedDict[str, bool]] = OrderedDict()
+        self._replies: OrderedDict[bytes, Claims] = OrderedDict()  # conversation-prefix hash -> its claims
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def attribute(
@@ -75,14 +76,11 @@ class Sessions:
     def begin(self, session_id: str, known_turns: int | None = None) -> int:
         """Count a call into its session; return its turn index. ``known_turns`` seeds a session not in memory."""
         state = self.active.get(session_id)
-        if state is None:
-            state = self.active[session_id] = SessionState(next_turn=known_turns or 0)
-            self._trim(self.active)
+        turn, in_flight, _ = (known_turns or 0, 0, 0.0) if state is None else state
+        self.active[session_id] = (turn + 1, in_flight + 1, time.monotonic())
         self.active.move_to_end(session_id)
-        state.in_flight += 1
-        state.last_seen = time.monotonic()
-        turn = state.next_turn
-        state.next_turn += 1
+        if state is None:
+            self._trim(self.active)
         return turn
 
     def is_known(self, session_id: str) -> bool:
@@ -93,8 +91,8 @@ class Sessions:
         :meth:`attribute`), remember each reply as a point that a later call may continue from."""
         state = self.active.get(session_id)
         if state is not None:
-            state.in_flight -= 1
-            state.last_seen = time.monotonic()
+            next_turn, in_flight, _ = state
+            self.active[session_id] = (next_turn, in_flight - 1, time.monotonic())
             self.active.move_to_end(session_id)
         if conversation is None:
             return
@@ -102,12 +100,10 @@ class Sessions:
             key = _extend(conversation, reply)
             claims = self._replies.get(key)
             if claims is None:
-                claims = self._replies[key] = OrderedDict()
+                self._replies[key] = ((session_id, False),)
                 self._trim(self._replies)
-            if session_id not in claims:
-                claims[session_id] = False
-                while len(claims) > MAX_CLAIMS:
-                    claims.popitem(last=False)
+            elif all(claimant != session_id for claimant, _ in claims):
+                self._replies[key] = (*claims, (session_id, False))[-MAX_CLAIMS:]
 
     def remember_call(self, span_id: str, response_id: str | None, session_id: str) -> None:
         """Recent calls by span id and response id, for feedback that arrives before their rows are written."""
@@ -128,10 +124,10 @@ class Sessions:
         """
         cutoff = time.monotonic() - timeout
         gone = []
-        for session_id, state in self.active.items():
-            if state.last_seen >= cutoff:
+        for session_id, (_, in_flight, last_seen) in self.active.items():
+            if last_seen >= cutoff:
                 break
-            if state.in_flight == 0:
+            if in_flight == 0:
                 gone.append(session_id)
         for session_id in gone:
             del self.active[session_id]
@@ -143,11 +139,14 @@ class Sessions:
     def _link(self, messages: list[Any], hashes: list[bytes]) -> str | None:
         for i in range(len(messages) - 1, -1, -1):
             if isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
-                claims = self._replies.get(hashes[i + 1])
+                key = hashes[i + 1]
+                claims = self._replies.get(key)
                 if claims:
-                    self._replies.move_to_end(hashes[i + 1])
-                    session_id = next((s for s, claimed in claims.items() if not claimed), next(reversed(claims)))
-                    claims[session_id] = True
+                    # the oldest unclaimed session, or once all are claimed the most recent one
+                    j = next((j for j, (_, claimed) in enumerate(claims) if not claimed), len(claims) - 1)
+                    session_id = claims[j][0]
+                    self._replies[key] = (*claims[:j], (session_id, True), *claims[j + 1 :])
+                    self._replies.move_to_end(key)
                     return session_id
         return None
 

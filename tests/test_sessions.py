@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from typing import Any
 
 import openai
 
+from proxy.sessions import Sessions
 from tests.conftest import Proxy
 from tests.fake_upstream import FakeUpstream
 
@@ -141,3 +143,21 @@ async def test_any_choice_of_an_n_call_continues_its_session(proxy: Proxy, fake:
     )
     rows = await proxy.spans()
     assert rows[0]["session_id"] == rows[1]["session_id"] and rows[1]["session_source"] == "linked"
+
+
+def test_the_index_holds_nothing_the_cycle_collector_keeps_walking() -> None:
+    """A tracked object per remembered call made full collections pause the proxy for over 100 ms."""
+    sessions = Sessions(capacity=1_000)
+    for i in range(200):
+        opening = [SYSTEM, {"role": "user", "content": f"question {i}"}]
+        session_id, _, conversation = sessions.attribute(header=None, path=None, trace_id=None, messages=opening)
+        sessions.begin(session_id)
+        sessions.finish(session_id, conversation, [{"role": "assistant", "content": f"answer {i}"}])
+        sessions.remember_call(f"span{i}", f"chatcmpl-{i}", session_id)
+        follow = [*opening, {"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": "more"}]
+        assert sessions.attribute(header=None, path=None, trace_id=None, messages=follow)[0] == session_id
+    gc.collect()
+    gc.collect()  # a tuple is untracked once its items are: a nested one at the next collection
+    entries = [*sessions.active.values(), *sessions._replies.values(), *sessions._calls.values()]
+    assert len(entries) == 200 + 200 + 400
+    assert not [entry for entry in entries if gc.is_tracked(entry)]
