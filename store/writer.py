@@ -23,7 +23,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +43,11 @@ _STOP = object()
 _BATCH = "lightwire_batch"  # the name an Arrow batch has in the insert statement
 # Rows per transaction at most; larger backlogs are written as several batches.
 MAX_BATCH = 2_000
+# How much nicer the writer thread is than the process. Where it shares a core with the event loop, the kernel
+# then runs the request path first while DuckDB inserts and commits without the GIL (~3 ms of CPU a batch, however
+# small), leaving this thread ~10% of a busy core; the queue's backpressure stops it from falling behind for good.
+# Added p99 at concurrency 1 in bench/proxy_overhead.py: 2.7 ms at 0, 1.9 ms at 10.
+WRITER_NICENESS = 10
 
 
 class Record(Protocol):
@@ -164,6 +171,9 @@ class Writer:
 
     def _run(self) -> None:
         assert self._con is not None
+        if sys.platform == "linux":  # there, a thread's id names it to setpriority
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
         con = self._con.cursor()
         stopping = False
         while not stopping:

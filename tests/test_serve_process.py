@@ -7,12 +7,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from store.writer import WRITER_NICENESS
 from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
 
@@ -114,6 +116,13 @@ async def test_a_full_write_queue_applies_backpressure_and_loses_nothing(fake: F
         statuses = await asyncio.gather(*(call(i) for i in range(60)))
     assert statuses == [200] * 60
     assert len(await proxy.spans()) == 60
+
+
+async def test_the_store_writer_runs_below_the_request_path(proxy: Proxy) -> None:
+    [writer] = [t for t in threading.enumerate() if t.name == "lightwire-store-writer"]
+    assert writer.native_id is not None
+    nice = os.getpriority(os.PRIO_PROCESS, writer.native_id)
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WRITER_NICENESS)
 
 
 async def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
