@@ -26,11 +26,12 @@ import aiohttp
 from aiohttp import web
 
 from optimizers.publish import Publisher
+from proxy import http1
 from proxy.config import Config
 from proxy.embedded import DEFAULT_MODEL_NAME, prepare_default_model
 from proxy.errors import BackendUnavailable, ConfigError, NotFound
 from proxy.policy import Policy, Replica, Version
-from proxy.upstream import Upstream, client_session
+from proxy.upstream import Upstream, clients
 from proxy.vllm_server import VllmOptions, VllmServer
 from store import adapters as registry
 from store.writer import Writer
@@ -45,6 +46,7 @@ HEALTH_INTERVAL_S = 5.0
 @dataclass
 class Backends:
     session: aiohttp.ClientSession
+    pool: http1.Pool
     upstream: Upstream | None = None
     policy: Policy | None = None
     publisher: Publisher | None = None
@@ -79,12 +81,15 @@ BACKENDS = web.AppKey("backends", Backends)
 @contextlib.asynccontextmanager
 async def backends(config: Config, writer: Writer) -> AsyncIterator[Backends]:
     """Everything calls are forwarded to, for the app's lifetime."""
-    async for session in client_session(config):
-        found = Backends(session, routes=dict(r.split("=", 1) for r in config.routes), providers=config.provider_models)
+    async with clients(config) as (session, pool):
+        found = Backends(
+            session, pool, routes=dict(r.split("=", 1) for r in config.routes), providers=config.provider_models
+        )
         if config.upstream:
             found.upstream = Upstream(
                 config.upstream,
                 session,
+                pool,
                 api_key=config.upstream_api_key,
                 capture_tokens=config.capture_tokens,
                 forward_client_auth=not config.api_keys,
@@ -103,7 +108,7 @@ async def _attached_policy(config: Config, writer: Writer, found: Backends) -> A
     healthy: dict[str, bool] = {}
     replicas = []
     for url in config.vllm:
-        upstream = Upstream(url, found.session, capture_tokens=config.capture_tokens)
+        upstream = Upstream(url, found.session, found.pool, capture_tokens=config.capture_tokens)
         healthy[url] = True
         replicas.append(Replica(upstream, lambda url=url: healthy[url]))  # type: ignore[misc]
     base_name = await _served_base_name(found.session, config.vllm[0])
@@ -156,7 +161,7 @@ async def _serve_embedded(config: Config, writer: Writer, found: Backends) -> No
     # A restarted server comes back with the base weights: the publisher loads the served versions again first.
     server = VllmServer(options, on_start=lambda _: publisher.restore(replica))
     replica = Replica(
-        Upstream(lambda: server.base_url + "/v1", found.session, capture_tokens=config.capture_tokens),
+        Upstream(lambda: server.base_url + "/v1", found.session, found.pool, capture_tokens=config.capture_tokens),
         lambda: server.ready,
     )
     policy = found.policy = Policy([replica], base=Version(None, name), mode=mode)

@@ -13,11 +13,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy import protocol
+from proxy import http1, protocol
 from proxy.config import Config
 from proxy.errors import HTTPError, UpstreamError, UpstreamTimeout
 from proxy.protocol import NOTHING, Injected
@@ -159,27 +158,28 @@ async def forward(
     headers["Content-Type"] = "application/json"
     try:
         async with asyncio.timeout(config.first_byte_timeout):
-            resp = await upstream.session.post(upstream.url(PATHS[call.operation]), data=payload, headers=headers)
+            resp = await upstream.post(PATHS[call.operation], payload, headers)
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream sent no response within {config.first_byte_timeout:g} s.") from None
-    except aiohttp.ClientError as exc:
+    except http1.HTTPClientError as exc:
         raise UpstreamError(f"Could not reach the upstream: {exc}.") from None
     try:
         streaming = resp.status == 200 and resp.content_type == "text/event-stream"
         if streaming:
             return await _relay_stream(request, call, resp, config)
-        return await _relay_body(call, resp, config)
+        return await _relay_body(request, call, resp, config)
     finally:
-        resp.close()  # closes the connection only if the body was not read to its end
+        resp.close()  # closes the connection if the body was not read to its end
 
 
-async def _relay_body(call: Call, resp: aiohttp.ClientResponse, config: Config) -> web.Response:
+async def _relay_body(request: web.Request, call: Call, resp: http1.Response, config: Config) -> web.Response:
+    """Relay a whole body; it is sent before returning, so that the caller's bookkeeping does not delay it."""
     try:
         async with asyncio.timeout(config.chunk_timeout):
             content = await resp.read()
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream stalled for {config.chunk_timeout:g} s sending its body.") from None
-    except aiohttp.ClientError as exc:
+    except http1.HTTPClientError as exc:
         raise UpstreamError(f"The upstream broke off its response: {exc}.") from None
     call.status = resp.status
     call.response_raw = content
@@ -194,12 +194,13 @@ async def _relay_body(call: Call, resp: aiohttp.ClientResponse, config: Config) 
             content = orjson.dumps(protocol.hide(response, call.injected))
     headers = response_headers(resp.headers)
     headers[SPAN_HEADER] = call.ids.span_id
-    return web.Response(body=content, status=resp.status, headers=headers)
+    out = web.Response(body=content, status=resp.status, headers=headers)
+    await out.prepare(request)
+    await out.write_eof()
+    return out
 
 
-async def _relay_stream(
-    request: web.Request, call: Call, resp: aiohttp.ClientResponse, config: Config
-) -> web.StreamResponse:
+async def _relay_stream(request: web.Request, call: Call, resp: http1.Response, config: Config) -> web.StreamResponse:
     headers = response_headers(resp.headers)
     headers[SPAN_HEADER] = call.ids.span_id
     out = web.StreamResponse(status=200, headers=headers)
@@ -212,7 +213,7 @@ async def _relay_stream(
     return out
 
 
-async def _pump(call: Call, resp: aiohttp.ClientResponse, out: web.StreamResponse, config: Config) -> None:
+async def _pump(call: Call, resp: http1.Response, out: web.StreamResponse, config: Config) -> None:
     """Copy the upstream's events to the client as they complete; end with an error event if the stream breaks."""
     events = SseSplitter()
     done = False
@@ -220,12 +221,12 @@ async def _pump(call: Call, resp: aiohttp.ClientResponse, out: web.StreamRespons
         while True:
             try:
                 async with asyncio.timeout(config.chunk_timeout):
-                    data = await resp.content.readany()
+                    data = await resp.readany()
             except TimeoutError:
                 raise StreamBroken(
                     f"The upstream stalled for {config.chunk_timeout:g} s mid-stream.", "timeout"
                 ) from None
-            except aiohttp.ClientPayloadError as exc:
+            except http1.HTTPClientError as exc:
                 raise StreamBroken(f"The upstream broke off the stream: {exc}.", "truncated_stream") from None
             if not data:
                 break

@@ -1,9 +1,10 @@
-"""An OpenAI-compatible backend reached over HTTP: the pooled client session, headers, and whether it can
-return exact tokens (vLLM can)."""
+"""An OpenAI-compatible backend reached over HTTP: the clients that reach it (the request path's own, aiohttp for
+everything else), headers, and whether it can return exact tokens (vLLM can)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy import http1
 from proxy.config import Config
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Upstream:
         self,
         base_url: str | Callable[[], str],
         session: aiohttp.ClientSession,
+        pool: http1.Pool,
         *,
         api_key: str | None = None,
         capture_tokens: str = "auto",
@@ -55,6 +58,7 @@ class Upstream:
     ) -> None:
         self._base_url = base_url
         self.session = session
+        self.pool = pool
         self._api_key = api_key
         self._forward_client_auth = forward_client_auth
         self._capture = {"always": True, "never": False}.get(capture_tokens)
@@ -70,6 +74,10 @@ class Upstream:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    async def post(self, path: str, body: bytes, headers: CIMultiDict[str]) -> http1.Response:
+        """A model call's request, through the request path's client; the caller closes the response."""
+        return await self.pool.post(self.url(path), headers, body)
 
     def headers(self, incoming: Mapping[str, str], *, traceparent: str) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict(
@@ -113,13 +121,18 @@ def response_headers(upstream_headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in upstream_headers.items() if k.lower() not in HOP_HEADERS)
 
 
-async def client_session(config: Config) -> AsyncIterator[aiohttp.ClientSession]:
-    """The pooled upstream session for the app's lifetime.
+@contextlib.asynccontextmanager
+async def clients(config: Config) -> AsyncIterator[tuple[aiohttp.ClientSession, http1.Pool]]:
+    """The backends' clients for the app's lifetime: aiohttp's session, and the request path's pool.
 
-    Only connecting has a session-wide timeout: waiting for headers and for each chunk are timed by the relay,
-    since a non-streaming generation may take minutes before its first byte.
+    Only connecting has a timeout here: waiting for headers and for each chunk are timed by the relay, since a
+    non-streaming generation may take minutes before its first byte.
     """
     connector = aiohttp.TCPConnector(limit=config.upstream_connections, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_connect=config.connect_timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True) as session:
-        yield session
+    pool = http1.Pool(config.upstream_connections, connect_timeout=config.connect_timeout)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True) as session:
+            yield session, pool
+    finally:
+        pool.close()

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import BackendUnavailable
+from proxy.http1 import Pool
 from proxy.policy import Policy, Replica, Version
 from proxy.upstream import Upstream
 
@@ -17,9 +18,10 @@ BASE = Version(None, "base")
 
 
 async def make_policy(ready: list[bool]) -> tuple[Policy, list[Replica]]:
-    session = aiohttp.ClientSession()
+    session, pool = aiohttp.ClientSession(), Pool()
     replicas = [
-        Replica(Upstream(f"http://127.0.0.1:{9000 + i}/v1", session), lambda i=i: ready[i]) for i in range(len(ready))
+        Replica(Upstream(f"http://127.0.0.1:{9000 + i}/v1", session, pool), lambda i=i: ready[i])
+        for i in range(len(ready))
     ]
     return Policy(replicas, base=BASE, mode="lora"), replicas
 
