@@ -3,6 +3,8 @@ per adapter version (``base``: no adapter) and per day (UTC).
 
 Definitions:
 
+* the spans counted are the agents' calls; answers the sidecar sampled to complete a group (``group_samples``)
+  are counted apart as ``samples``, and are in no session, group or mean below;
 * a session is *rewarded* when any feedback row names it or one of its calls;
 * a span *has feedback* when a feedback row names that call itself;
 * the *mean reward* is that of successful calls with a reward named ``reward_name`` after credit assignment
@@ -21,8 +23,11 @@ import duckdb
 
 from optimizers import credit
 from store.export import OK, snapshot, turn_rewards
+from store.spans import SAMPLE_SOURCE
 
 BASE = "base"
+# The agents' calls: every span but the sidecar's own group samples.
+CALLS = f"(SELECT * FROM spans WHERE session_source IS DISTINCT FROM '{SAMPLE_SOURCE}')"
 
 
 @dataclass(slots=True)
@@ -40,6 +45,7 @@ class Group:
 class Stats:
     spans: int
     failed_spans: int
+    samples: int
     sessions: int
     feedback: int
     rewarded_sessions: int
@@ -85,19 +91,20 @@ def collect(
 
 
 def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, reward_name: str) -> Stats:
-    spans, ok_spans, sessions, with_feedback = _one(
+    spans, ok_spans, sessions, with_feedback, samples = _one(
         con,
         f"""
         SELECT count(*), count(*) FILTER (WHERE {OK}), count(DISTINCT coalesce(session_id, span_id)),
-               count(*) FILTER (WHERE span_id IN (SELECT span_id FROM feedback))
-        FROM spans
+               count(*) FILTER (WHERE span_id IN (SELECT span_id FROM feedback)),
+               (SELECT count(*) FROM spans WHERE session_source = '{SAMPLE_SOURCE}')
+        FROM {CALLS}
         """,
     )
     feedback, rewarded_sessions = _one(
         con,
-        """
+        f"""
         SELECT (SELECT count(*) FROM feedback), count(*)
-        FROM (SELECT DISTINCT coalesce(session_id, span_id) AS session FROM spans)
+        FROM (SELECT DISTINCT coalesce(session_id, span_id) AS session FROM {CALLS})
         WHERE session IN (SELECT coalesce(f.session_id, s.session_id) FROM feedback f LEFT JOIN spans s USING (span_id))
         """,
     )
@@ -111,7 +118,7 @@ def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, re
         f"""
         SELECT span_id, coalesce(session_id, span_id), coalesce(adapter_version, '{BASE}'),
                CAST(timezone('UTC', start_time) AS DATE)::VARCHAR
-        FROM spans ORDER BY start_time
+        FROM {CALLS} ORDER BY start_time
         """
     ).fetchall()
     for span_id, session, adapter, day in rows:
@@ -121,6 +128,7 @@ def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, re
     return Stats(
         spans=spans,
         failed_spans=spans - ok_spans,
+        samples=samples,
         sessions=sessions,
         feedback=feedback,
         rewarded_sessions=rewarded_sessions,
@@ -138,8 +146,9 @@ def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, re
 def format_text(stats: Stats) -> str:
     """A readable summary and two tables."""
     rule = stats.credit_policy + (f" {stats.discount:g}" if stats.credit_policy == "discounted" else "")
+    samples = f" (and {stats.samples} group samples)" if stats.samples else ""
     lines = [
-        f"spans: {stats.spans} ({stats.failed_spans} failed) in {stats.sessions} sessions; "
+        f"spans: {stats.spans} ({stats.failed_spans} failed){samples} in {stats.sessions} sessions; "
         f"{stats.feedback} feedback rows",
         f"rewarded sessions: {stats.rewarded_sessions} of {stats.sessions} ({stats.rewarded_session_fraction:.1%}); "
         f"spans with feedback: {stats.spans_with_feedback} of {stats.spans} ({stats.feedback_span_fraction:.1%})",

@@ -8,6 +8,7 @@ import duckdb
 import pytest
 
 from store import stats
+from store.spans import SAMPLE_SOURCE
 from tests.conftest import Proxy
 from tests.test_export import record_sessions
 
@@ -23,6 +24,15 @@ async def db(vllm_proxy: Proxy) -> Path:
             " WHERE session_id = 's2'"
         )
         con.execute("UPDATE spans SET start_time = TIMESTAMPTZ '2025-03-02 08:00:00+00' WHERE session_id = 's1'")
+        # Two answers the sidecar sampled for a group, one scored high: they are no agent's calls.
+        con.execute(
+            f"INSERT INTO spans SELECT * REPLACE (span_id || '-sample' AS span_id, NULL AS session_id,"
+            f" '{SAMPLE_SOURCE}' AS session_source) FROM spans WHERE session_id = 's1' ORDER BY turn_index LIMIT 2"
+        )
+        con.execute(
+            "INSERT INTO feedback SELECT * REPLACE (feedback_id || '-sample' AS feedback_id, span_id || '-sample'"
+            " AS span_id, NULL AS session_id, 100.0 AS value) FROM feedback WHERE span_id IS NOT NULL LIMIT 1"
+        )
     return vllm_proxy.config.db
 
 
@@ -33,7 +43,7 @@ def collect(db: Path, policy: str = "discounted", reward_name: str = "reward") -
 
 async def test_counts_fractions_and_mean_reward(db: Path) -> None:
     got = collect(db)
-    assert (got.spans, got.failed_spans, got.sessions, got.feedback) == (5, 1, 2, 4)
+    assert (got.spans, got.failed_spans, got.samples, got.sessions, got.feedback) == (5, 1, 2, 2, 5)
     assert (got.rewarded_sessions, got.rewarded_session_fraction) == (1, 0.5)
     assert (got.spans_with_feedback, got.feedback_span_fraction) == (1, 0.2)
     assert got.rewarded == 3 and got.mean_reward == pytest.approx((0.81 + 0.2 + 1.0) / 3)
@@ -60,7 +70,7 @@ async def test_the_text_and_json_forms(db: Path) -> None:
     assert got.to_dict()["rewarded_session_fraction"] == 0.5
     lines = stats.format_text(got).splitlines()
     assert lines[:3] == [
-        "spans: 5 (1 failed) in 2 sessions; 4 feedback rows",
+        "spans: 5 (1 failed) (and 2 group samples) in 2 sessions; 5 feedback rows",
         "rewarded sessions: 1 of 2 (50.0%); spans with feedback: 1 of 5 (20.0%)",
         "mean reward: 0.670 over 3 rewarded spans (credit: discounted 0.9)",
     ]
