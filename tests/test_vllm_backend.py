@@ -30,7 +30,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @asynccontextmanager
-async def policy_proxy(server: VllmServer, model_dir: Path, tmp_path: Path, mode: str) -> AsyncIterator[Proxy]:
+async def policy_proxy(
+    server: VllmServer, model_dir: Path, tmp_path: Path, mode: str, **overrides: Any
+) -> AsyncIterator[Proxy]:
     config = settings.load(
         environ={},
         vllm=(server.base_url + "/v1",),
@@ -38,6 +40,7 @@ async def policy_proxy(server: VllmServer, model_dir: Path, tmp_path: Path, mode
         swap_mode=mode,
         adapters_dir=tmp_path / "adapters",
         db=tmp_path / "spans.duckdb",
+        **overrides,
     )
     proxy = await Proxy(config).start()
     try:
@@ -103,6 +106,37 @@ async def test_base_answer_with_tokens_and_logprobs_recorded(
         assert len(ids) == len(logprobs) == row["usage_output_tokens"] > 0
         assert all(lp <= 0 for lp in logprobs)
     assert rows[0]["completion_token_ids"] == rows[1]["completion_token_ids"]  # greedy: stream == non-stream
+
+
+async def test_group_samples_from_vllm_share_the_prompt_tokens_and_carry_their_own(
+    vllm_server: VllmServer, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    async with policy_proxy(
+        vllm_server, embedded_model_dir, tmp_path, "lora", group_samples=4, span_hooks=("tests.reward_hooks:is_sample",)
+    ) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+        done = await client.chat.completions.create(
+            model="agent-model", messages=QUESTION, temperature=1.0, max_tokens=24, seed=3
+        )
+        assert len(done.choices) == 1
+        for _ in range(300):  # the samples, then their rewards, come in the background
+            if (await admin(proxy, "/healthz"))[1]["hooks"]["done"] == 4:
+                break
+            await asyncio.sleep(0.1)
+        rows = await proxy.spans()
+    [call] = [r for r in rows if r["session_source"] != "sample"]
+    samples = [r for r in rows if r["session_source"] == "sample"]
+    assert len(samples) == 3
+    answers = {tuple(r["completion_token_ids"][0]) for r in rows}
+    assert len(answers) > 1  # sampled at temperature 1: a group whose answers differ
+    for sample in samples:
+        assert sample["parent_span_id"] == call["span_id"] and sample["session_id"] is None
+        assert sample["prompt_token_ids"] == call["prompt_token_ids"]
+        assert sample["request_temperature"] == 1.0 and sample["provider_name"] == "vllm"
+        [ids], [logprobs] = sample["completion_token_ids"], sample["completion_logprobs"]
+        assert len(ids) == len(logprobs) == sample["usage_output_tokens"] > 0
+    rewards = read_rows(proxy.config.db, "SELECT value FROM feedback")
+    assert sorted(r["value"] for r in rewards) == [0.0, 1.0, 1.0, 1.0]  # every answer scored by the span hook
 
 
 @pytest.mark.parametrize("mode", ["lora", "merged"])
