@@ -521,11 +521,15 @@ def summary(report: dict[str, Any]) -> str:
     def mark(name: str) -> str:
         return "met" if g[name]["met"] else "NOT MET"
 
+    def added(name: str) -> str:
+        value = g[name]["value"]
+        return "n/a" if value is None else f"{value:+.3f}"
+
     return (
-        f"Lightwire: +{g['added_p50_ms_c1']['value']} ms p50 at c=1 "
+        f"Lightwire: {added('added_p50_ms_c1')} ms p50 at c=1 "
         f"(<= {MAX_ADDED_P50_MS:g} ms: {mark('added_p50_ms_c1')}); "
         f"{g['rps_c32_vs_litellm']['value']}x LiteLLM req/s at c=32 (>= {MIN_RPS_VS_LITELLM:g}x: "
-        f"{mark('rps_c32_vs_litellm')}); +{g['added_ttfc_p99_ms']['value']} ms first-chunk p99 "
+        f"{mark('rps_c32_vs_litellm')}); {added('added_ttfc_p99_ms')} ms first-chunk p99 "
         f"(<= {MAX_ADDED_TTFC_P99_MS:g} ms: {mark('added_ttfc_p99_ms')}); spans {g['rows_equal_requests']['value']} "
         f"rows/requests ({mark('rows_equal_requests')}); {report['wall_s']:.0f} s, other processes took "
         f"{report['machine_during_runs']['other_processes_cpu_share']:.0%} of the CPU"
