@@ -272,7 +272,11 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim response (100 Continue, 103 Early Hints): the real one follows
+            self.headers = []
+            return
+        self.status = status
         self._keep_alive = self._parser.should_keep_alive()
         self._headers_done = True
         self._wake()
@@ -286,5 +290,6 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self._complete = True
-        self._wake()
+        if self._headers_done:  # not the end of an interim response
+            self._complete = True
+            self._wake()

@@ -33,6 +33,7 @@ HOP_HEADERS = frozenset(
         "Content-Length",
         "Content-Encoding",
         "Accept-Encoding",
+        "Expect",  # 100-continue is answered by the hop that receives it (aiohttp, for clients)
         "Date",
         "Server",
     )

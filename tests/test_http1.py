@@ -124,6 +124,25 @@ async def test_a_body_without_a_length_ends_with_the_connection() -> None:
     server.close()
 
 
+async def test_interim_responses_are_skipped() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 201 Created\r\nX-Final: yes\r\nContent-Length: 4\r\n\r\ndone")
+        await writer.drain()
+
+    server, url = await raw_server(handle)
+    pool = Pool()
+    resp = await pool.post(url + "/", JSON, b"{}")
+    assert (resp.status, resp.headers.get("X-Final"), "Link" in resp.headers) == (201, "yes", False)
+    assert await resp.read() == b"done"
+    resp.close()
+    pool.close()
+    server.close()
+
+
 async def test_a_connection_the_backend_closed_while_idle_is_replaced_unseen() -> None:
     """The race keep-alive clients must survive: the backend drops the connection as the request goes out."""
     connections = 0

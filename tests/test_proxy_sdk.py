@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import openai
 import pytest
 
@@ -171,3 +172,14 @@ async def test_vllm_logprobs_the_client_asked_for_are_kept(vllm_proxy: Proxy) ->
 async def test_models_are_listed_from_the_upstream(proxy: Proxy) -> None:
     models = await client(proxy).models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+
+
+async def test_a_client_that_expects_100_continue_gets_it_from_the_proxy(proxy: Proxy, fake: FakeUpstream) -> None:
+    """curl sends ``Expect: 100-continue`` with larger bodies; that is the proxy's to answer, not the backend's."""
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 4096}]}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proxy.url + "/chat/completions", json=body, expect100=True) as resp,
+    ):
+        assert resp.status == 200 and (await resp.json())["choices"]
+    assert "expect" not in {name.lower() for name in fake.requests[0].headers}
