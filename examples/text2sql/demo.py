@@ -343,7 +343,7 @@ def plot(rounds: Sequence[Round], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     defaults = Options()
-    cli = argparse.ArgumentParser(prog="lightwire demo", description=__doc__.split("\n\n")[0].strip("`"))
+    cli = argparse.ArgumentParser(prog="lightwire demo", description=__doc__.split("\n\n")[0].replace("``", ""))
     cli.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget for the rounds")
     cli.add_argument("--rounds", type=int, default=None, help="at most this many rounds (default: as many as fit)")
     cli.add_argument("--dir", type=Path, default=defaults.workdir, help="work folder: store, adapters, curve")
