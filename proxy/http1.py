@@ -71,8 +71,9 @@ class Response:
         self._pool = pool
         self._connection: _Connection | None = connection
         self.status = connection.status
-        self.headers = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in connection.headers
+        self.headers = CIMultiDict(  # decoded as aiohttp decodes them, for aiohttp's server to send on
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in connection.headers
         )
         self.content_type = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
 

@@ -124,6 +124,21 @@ async def test_a_body_without_a_length_ends_with_the_connection() -> None:
     server.close()
 
 
+async def test_header_values_keep_their_utf_8() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write("HTTP/1.1 200 OK\r\nX-Note: café\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+
+    server, url = await raw_server(handle)
+    pool = Pool()
+    resp = await pool.post(url + "/", JSON, b"{}")
+    assert resp.headers["x-note"] == "café"
+    resp.close()
+    pool.close()
+    server.close()
+
+
 async def test_interim_responses_are_skipped() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
