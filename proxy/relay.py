@@ -158,7 +158,7 @@ async def forward(
     headers["Content-Type"] = "application/json"
     try:
         async with asyncio.timeout(config.first_byte_timeout):
-            resp = await upstream.post(PATHS[call.operation], payload, headers)
+            resp = await upstream.post(PATHS[call.operation], headers, payload)
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream sent no response within {config.first_byte_timeout:g} s.") from None
     except http1.HTTPClientError as exc:

@@ -76,7 +76,7 @@ class Upstream:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    async def post(self, path: str, body: bytes, headers: CIMultiDict[str]) -> http1.Response:
+    async def post(self, path: str, headers: CIMultiDict[str], body: bytes) -> http1.Response:
         """A model call's request, through the request path's client; the caller closes the response."""
         return await self.pool.post(self.url(path), headers, body)
 
