@@ -6,7 +6,8 @@ spent on a call; a bare exchange on one connection costs ~65 us. This client doe
 a body, read the status and headers, then the body whole or as it arrives. Connections are kept per origin (most
 recently used first, ``limit`` in use at once), opened within ``connect_timeout``, over TLS for ``https``; waiting
 for headers and chunks is timed by the caller. A connection that the backend closed while it sat idle is replaced
-without the caller seeing it. Calls off the request path (model lists, probes, vLLM's admin API) use aiohttp.
+without the caller seeing it, and one idle for longer than ``keepalive`` is not trusted again. Calls off the
+request path (model lists, probes, vLLM's admin API, group samples) use aiohttp.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import collections
 import functools
 import ssl
+import time
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -23,6 +25,9 @@ from multidict import CIMultiDict
 
 # Unread body bytes at which a connection stops reading from its socket (it reads again once they are read).
 PAUSE_READING_AT = 1 << 20
+# Seconds a connection may sit idle and still be reused (aiohttp's default). Beyond it, a NAT or load balancer may
+# have dropped it without a word, and a request sent on it would wait for its whole timeout.
+KEEPALIVE_S = 15.0
 
 
 class HTTPClientError(Exception):
@@ -97,8 +102,9 @@ class Response:
 class Pool:
     """Keep-alive connections to any number of origins, at most ``limit`` of them in use at once."""
 
-    def __init__(self, limit: int = 256, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, limit: int = 256, *, connect_timeout: float = 10.0, keepalive: float = KEEPALIVE_S) -> None:
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self._slots = asyncio.Semaphore(limit)
         self._idle: dict[Origin, list[_Connection]] = collections.defaultdict(list)
         self._tls: ssl.SSLContext | None = None
@@ -136,6 +142,7 @@ class Pool:
         """Take back a connection whose response is done with: kept if it can carry another, else closed."""
         self._slots.release()
         if connection.reusable():
+            connection.idle_since = time.monotonic()
             self._idle[connection.origin].append(connection)
         else:
             connection.abort()
@@ -148,10 +155,16 @@ class Pool:
 
     def _take(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
-        while idle:
+        if not idle:
+            return None
+        stale = time.monotonic() - self.keepalive
+        while idle:  # the most recently used first; the others are older still
             connection = idle.pop()
-            if not connection.closed:
+            if connection.closed:
+                continue
+            if connection.idle_since >= stale:
                 return connection
+            connection.abort()
         return None
 
     async def _connect(self, origin: Origin) -> _Connection:
@@ -178,6 +191,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self.closed = False
+        self.idle_since = 0.0
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None

@@ -92,6 +92,18 @@ async def test_calls_share_one_keep_alive_connection_and_send_what_they_are_give
     pool.close()
 
 
+async def test_a_connection_idle_past_the_keepalive_is_not_reused(echo) -> None:
+    url, ports = echo
+    pool = Pool(keepalive=0.2)
+    for pause in (0.0, 0.05, 0.3):
+        await asyncio.sleep(pause)
+        resp = await pool.post(url + "/", JSON, b"{}")
+        await resp.read()
+        resp.close()
+    assert ports[0] == ports[1] != ports[2]
+    pool.close()
+
+
 async def test_a_chunked_body_arrives_piece_by_piece(echo) -> None:
     url, _ = echo
     pool = Pool()
