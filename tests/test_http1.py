@@ -4,6 +4,7 @@ misbehaving cases, and TLS with a certificate made here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -60,9 +61,21 @@ async def echo() -> AsyncIterator[tuple[str, list[int]]]:
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def raw_server(handle: Handler) -> tuple[asyncio.Server, str]:
+@contextlib.asynccontextmanager
+async def raw_server(handle: Handler) -> AsyncIterator[str]:
+    """A server that speaks whatever ``handle`` writes on the socket; its URL."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    pool = Pool()
+    yield pool
+    pool.close()
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
@@ -73,9 +86,8 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
-async def test_calls_share_one_keep_alive_connection_and_send_what_they_are_given(echo) -> None:
+async def test_calls_share_one_keep_alive_connection_and_send_what_they_are_given(echo, pool: Pool) -> None:
     url, ports = echo
-    pool = Pool()
     for i in range(20):
         resp = await pool.post(f"{url}/v1/chat/completions?x={i}", JSON, b"{}" * i)
         assert (resp.status, resp.content_type) == (200, "application/json")
@@ -89,7 +101,6 @@ async def test_calls_share_one_keep_alive_connection_and_send_what_they_are_give
         )
         resp.close()
     assert len(set(ports)) == 1
-    pool.close()
 
 
 async def test_a_connection_idle_past_the_keepalive_is_not_reused(echo) -> None:
@@ -104,9 +115,8 @@ async def test_a_connection_idle_past_the_keepalive_is_not_reused(echo) -> None:
     pool.close()
 
 
-async def test_a_chunked_body_arrives_piece_by_piece(echo) -> None:
+async def test_a_chunked_body_arrives_piece_by_piece(echo, pool: Pool) -> None:
     url, _ = echo
-    pool = Pool()
     resp = await pool.post(f"{url}/stream?pieces=5", JSON, b"{}")
     pieces = []
     while piece := await resp.readany():
@@ -117,41 +127,34 @@ async def test_a_chunked_body_arrives_piece_by_piece(echo) -> None:
     again = await pool.post(f"{url}/after", JSON, b"")  # the connection is reused after a chunked body
     assert (await again.read()).startswith(b'{"length": 0')
     again.close()
-    pool.close()
 
 
-async def test_a_body_without_a_length_ends_with_the_connection() -> None:
+async def test_a_body_without_a_length_ends_with_the_connection(pool: Pool) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of it")
         await writer.drain()
         writer.close()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    assert await resp.read() == b"all of it"
-    resp.close()
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        assert await resp.read() == b"all of it"
+        resp.close()
 
 
-async def test_header_values_keep_their_utf_8() -> None:
+async def test_header_values_keep_their_utf_8(pool: Pool) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write("HTTP/1.1 200 OK\r\nX-Note: café\r\nContent-Length: 0\r\n\r\n".encode())
         await writer.drain()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    assert resp.headers["x-note"] == "café"
-    resp.close()
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        assert resp.headers["x-note"] == "café"
+        resp.close()
 
 
-async def test_interim_responses_are_skipped() -> None:
+async def test_interim_responses_are_skipped(pool: Pool) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
@@ -160,17 +163,14 @@ async def test_interim_responses_are_skipped() -> None:
         writer.write(b"HTTP/1.1 201 Created\r\nX-Final: yes\r\nContent-Length: 4\r\n\r\ndone")
         await writer.drain()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    assert (resp.status, resp.headers.get("X-Final"), "Link" in resp.headers) == (201, "yes", False)
-    assert await resp.read() == b"done"
-    resp.close()
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        assert (resp.status, resp.headers.get("X-Final"), "Link" in resp.headers) == (201, "yes", False)
+        assert await resp.read() == b"done"
+        resp.close()
 
 
-async def test_a_connection_the_backend_closed_while_idle_is_replaced_unseen() -> None:
+async def test_a_connection_the_backend_closed_while_idle_is_replaced_unseen(pool: Pool) -> None:
     """The race keep-alive clients must survive: the backend drops the connection as the request goes out."""
     connections = 0
 
@@ -183,18 +183,15 @@ async def test_a_connection_the_backend_closed_while_idle_is_replaced_unseen() -
         await read_request(reader)  # the next request on this connection is dropped unanswered
         writer.close()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    for _ in range(3):
-        resp = await pool.post(url + "/", JSON, b"{}")
-        assert await resp.read() == b"ok"
-        resp.close()
-    assert connections == 3
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        for _ in range(3):
+            resp = await pool.post(url + "/", JSON, b"{}")
+            assert await resp.read() == b"ok"
+            resp.close()
+        assert connections == 3
 
 
-async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry() -> None:
+async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry(pool: Pool) -> None:
     attempts = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -203,13 +200,10 @@ async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry() -> None:
         await read_request(reader)
         writer.close()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    with pytest.raises(ResponseError, match="closed the connection before the response ended"):
-        await pool.post(url + "/", JSON, b"{}")
-    assert attempts == 1
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        with pytest.raises(ResponseError, match="closed the connection before the response ended"):
+            await pool.post(url + "/", JSON, b"{}")
+        assert attempts == 1
 
 
 @pytest.mark.parametrize(
@@ -219,32 +213,28 @@ async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry() -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n", "malformed response"),
     ],
 )
-async def test_a_truncated_or_garbled_body_is_an_error(answer: bytes, error: str) -> None:
+async def test_a_truncated_or_garbled_body_is_an_error(answer: bytes, error: str, pool: Pool) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(answer)
         await writer.drain()
         writer.close()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    with pytest.raises(ResponseError, match=error):
-        await resp.read()
-    resp.close()
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        with pytest.raises(ResponseError, match=error):
+            await resp.read()
+        resp.close()
 
 
-async def test_nothing_listening_is_a_connect_error() -> None:
-    server, url = await raw_server(read_request)  # type: ignore[arg-type]
-    server.close()
-    await server.wait_closed()
+async def test_nothing_listening_is_a_connect_error(pool: Pool) -> None:
+    async with raw_server(read_request) as url:  # type: ignore[arg-type]
+        pass
     with pytest.raises(ConnectError, match=r"cannot connect to 127\.0\.0\.1"):
-        await Pool().post(url + "/", JSON, b"{}")
+        await pool.post(url + "/", JSON, b"{}")
 
 
-async def test_an_abandoned_response_closes_its_connection_at_once() -> None:
+async def test_an_abandoned_response_closes_its_connection_at_once(pool: Pool) -> None:
     gone = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -254,14 +244,11 @@ async def test_an_abandoned_response_closes_its_connection_at_once() -> None:
         await reader.read()  # returns when the client closes
         gone.set()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    assert await resp.readany() == b"first"
-    resp.close()
-    await asyncio.wait_for(gone.wait(), 2)
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        assert await resp.readany() == b"first"
+        resp.close()
+        await asyncio.wait_for(gone.wait(), 2)
 
 
 async def test_at_most_limit_connections_are_in_use() -> None:
@@ -294,7 +281,7 @@ async def test_at_most_limit_connections_are_in_use() -> None:
 
 
 async def test_https_with_the_certificates_the_environment_trusts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: Pool
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -326,16 +313,14 @@ async def test_https_with_the_certificates_the_environment_trusts(
     runner, url = await serve(app, tls)
     with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         await Pool().post(url + "/", JSON, b"")
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
-    pool = Pool()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # read when a pool first connects over TLS
     resp = await pool.post(url + "/", JSON, b"")
     assert await resp.read() == b"secure True"
     resp.close()
-    pool.close()
     await runner.cleanup()
 
 
-async def test_an_unread_body_stops_the_socket_being_read_until_it_is() -> None:
+async def test_an_unread_body_stops_the_socket_being_read_until_it_is(pool: Pool) -> None:
     size = 32 << 20  # far beyond what the kernel's socket buffers and the pause threshold hold together
     sent = asyncio.Event()
 
@@ -347,13 +332,10 @@ async def test_an_unread_body_stops_the_socket_being_read_until_it_is() -> None:
             await writer.drain()
         sent.set()
 
-    server, url = await raw_server(handle)
-    pool = Pool()
-    resp = await pool.post(url + "/", JSON, b"{}")
-    await asyncio.sleep(0.5)
-    assert not sent.is_set()  # the backend waits on us
-    assert len(await resp.read()) == size
-    assert sent.is_set()
-    resp.close()
-    pool.close()
-    server.close()
+    async with raw_server(handle) as url:
+        resp = await pool.post(url + "/", JSON, b"{}")
+        await asyncio.sleep(0.5)
+        assert not sent.is_set()  # the backend waits on us
+        assert len(await resp.read()) == size
+        assert sent.is_set()
+        resp.close()
