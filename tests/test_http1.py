@@ -71,6 +71,18 @@ async def raw_server(handle: Handler) -> AsyncIterator[str]:
         server.close()
 
 
+def answering(answer: bytes) -> Handler:
+    """A handler that reads one request, writes ``answer`` as it is, and closes the connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
 @pytest.fixture
 async def pool() -> AsyncIterator[Pool]:
     pool = Pool()
@@ -130,25 +142,16 @@ async def test_a_chunked_body_arrives_piece_by_piece(echo, pool: Pool) -> None:
 
 
 async def test_a_body_without_a_length_ends_with_the_connection(pool: Pool) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of it")
-        await writer.drain()
-        writer.close()
-
-    async with raw_server(handle) as url:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of it"
+    async with raw_server(answering(answer)) as url:
         resp = await pool.post(url + "/", JSON, b"{}")
         assert await resp.read() == b"all of it"
         resp.close()
 
 
 async def test_header_values_keep_their_utf_8(pool: Pool) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write("HTTP/1.1 200 OK\r\nX-Note: café\r\nContent-Length: 0\r\n\r\n".encode())
-        await writer.drain()
-
-    async with raw_server(handle) as url:
+    answer = "HTTP/1.1 200 OK\r\nX-Note: café\r\nContent-Length: 0\r\n\r\n".encode()
+    async with raw_server(answering(answer)) as url:
         resp = await pool.post(url + "/", JSON, b"{}")
         assert resp.headers["x-note"] == "café"
         resp.close()
@@ -214,13 +217,7 @@ async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry(pool: Pool
     ],
 )
 async def test_a_truncated_or_garbled_body_is_an_error(answer: bytes, error: str, pool: Pool) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    async with raw_server(handle) as url:
+    async with raw_server(answering(answer)) as url:
         resp = await pool.post(url + "/", JSON, b"{}")
         with pytest.raises(ResponseError, match=error):
             await resp.read()
