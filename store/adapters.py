@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import duckdb
 import orjson
 
 from store.writer import Row
+
+if TYPE_CHECKING:
+    from store.memory import MemoryBank
 
 STATUSES = ("candidate", "canary", "active", "retired", "failed")
 
@@ -37,13 +40,17 @@ class Adapter(Row):
         return replace(self, status=status, message=message, updated_at=datetime.now(UTC), **changes)
 
     def public(self) -> dict[str, Any]:
-        """The row as the admin API shows it."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("data", "metrics"):
-            out[key] = orjson.loads(out[key]) if out[key] else None
-        for key in ("created_at", "updated_at"):
-            out[key] = out[key].isoformat()
-        return out
+        return public(self)
+
+
+def public(row: Adapter | MemoryBank) -> dict[str, Any]:
+    """A registry row as the admin API shows it: its JSON columns parsed, its times in ISO 8601."""
+    out = {f.name: getattr(row, f.name) for f in fields(row)}
+    for key in ("data", "metrics"):
+        out[key] = orjson.loads(out[key]) if out[key] else None
+    for key in ("created_at", "updated_at"):
+        out[key] = out[key].isoformat()
+    return out
 
 
 def new_adapter(

@@ -8,14 +8,20 @@ record per choice. A record::
     split                             "train" or "heldout": a hash of session_id, so a session never straddles
                                       (a group sample, which has none: of its client's session)
     model, adapter_version            the model that answered (response_model) and the adapter that served it
-    messages                          the request's messages (chat) or its prompt (text completions), as sent
+    messages                          the request's messages (chat) or its prompt (text completions), as sent;
+                                      for a Responses call, the whole conversation as chat messages: its
+                                      instructions, the input items of the responses it continues and their
+                                      output (``previous_response_id`` chains and ``conversation``s are rebuilt
+                                      from their spans, so a backend without state loses nothing), then its own
     prompt                            the same as messages: TRL's and verl's name for it
-    completion                        chat: [the choice's assistant message] (null fields dropped); text: its text
+    completion                        chat: [the choice's assistant message] (null fields dropped); text: its text;
+                                      Responses: [its output items as one assistant message, tool calls included]
     reward                            the reward named ``reward_name`` after credit assignment; null when none
     rewards                           every named reward of the turn after credit assignment, {name: value}
-    prompt_token_ids                  exact tokens, when the backend returned them (vLLM), else null
+    prompt_token_ids                  exact tokens, when the backend returned them (vLLM), else null; null too when
+                                      memory put examples in front of the call (the tokens include them)
     completion_token_ids              this choice's sampled tokens, else null
-    completion_logprobs               this choice's logprob of each sampled token, else null
+    completion_logprobs               this choice's logprob of each sampled token, else null (and with memory)
     data_source, ability              for verl: "lightwire" and the operation ("chat" or "text_completion")
     reward_model                      for verl: {"style": "recorded", "ground_truth": reward}
     extra_info                        for verl: {span_id, session_id, turn_index, choice, split}
@@ -29,14 +35,15 @@ How trainers read it:
 * **verl**: a parquet file with ``data_source``, ``prompt`` (chat messages), ``ability``, ``reward_model`` and
   ``extra_info``; a custom ``compute_score`` may replay the recorded reward from ``reward_model.ground_truth``.
 
-Credit assignment (:mod:`optimizers.credit`) runs over each session's successful calls, all of them, whatever
+Credit assignment (:mod:`store.credit`) runs over each session's successful calls, all of them, whatever
 ``since`` says, so that a turn's reward does not depend on the export window. ``min_reward`` keeps records whose
 credited reward is at least that value (unrewarded ones are dropped).
 
 Formats: ``jsonl`` (one JSON object a line, messages exactly as sent) and ``parquet``, written by DuckDB's own
 parquet writer (no pyarrow). Parquet needs one type per column: message fields absent from some messages are
 null there, and when some messages carry ``content`` as a list of parts and others as a string, that column
-holds JSON text. Next to the data, ``<file>.meta.json`` records the settings, filters, counts and the data's
+holds JSON text; so does ``rewards`` (Hugging Face ``datasets``, which TRL and verl read through, has no type for
+a Parquet map). Next to the data, ``<file>.meta.json`` records the settings, filters, counts and the data's
 sha256. Every function takes a DuckDB connection: the sidecar's writer cursor, or a read-only connection.
 """
 
@@ -56,14 +63,15 @@ from typing import Any
 import duckdb
 import orjson
 
-from optimizers import credit
-from store.spans import SAMPLE_SOURCE
+from store import credit, items
+from store.spans import MODEL_CALL, RESPONSES, SAMPLE_SOURCE
 
 FORMATS = ("jsonl", "parquet")
 DEFAULT_SESSION_SPLIT = 0.1
 DATA_SOURCE = "lightwire"
 FETCH_ROWS = 256  # spans read from the store at a time
-OK = "http_status = 200 AND error_type IS NULL"
+# Model calls (other /v1/ paths are spans too, named by their path) that succeeded.
+OK = f"http_status = 200 AND error_type IS NULL AND {MODEL_CALL}"
 # Parquet column types; None: inferred from the records (message shapes vary).
 PARQUET_TYPES: dict[str, str | None] = {
     "span_id": "VARCHAR",
@@ -77,7 +85,7 @@ PARQUET_TYPES: dict[str, str | None] = {
     "prompt": None,
     "completion": None,
     "reward": "DOUBLE",
-    "rewards": "MAP(VARCHAR, DOUBLE)",
+    "rewards": "JSON",  # {name: value} as JSON text: Hugging Face datasets reads no Parquet MAP
     "prompt_token_ids": "INTEGER[]",
     "completion_token_ids": "INTEGER[]",
     "completion_logprobs": "DOUBLE[]",
@@ -195,33 +203,41 @@ def records(con: duckdb.DuckDBPyConnection, options: Options) -> Iterator[dict[s
     """The dataset's records, oldest call first."""
     rewards = turn_rewards(con, policy=options.credit_policy, discount=options.discount, since=options.since)
     window = "AND start_time >= $since" if options.since else ""
+    history = Conversations(con)
     cursor = con.execute(
         f"""
         SELECT span_id, session_id, turn_index, operation_name, request, response, prompt_token_ids,
                completion_token_ids, completion_logprobs, adapter_version, response_model,
                coalesce(session_id, (SELECT client.session_id FROM spans client
-                                     WHERE client.span_id = spans.parent_span_id AND spans.session_source = $sample))
+                                     WHERE client.span_id = spans.parent_span_id AND spans.session_source = $sample)),
+               len(coalesce(memory_examples, [])) > 0
         FROM spans WHERE {OK} {window} ORDER BY start_time, span_id
         """,
         {"sample": SAMPLE_SOURCE, **({"since": options.since} if options.since else {})},
     )
     while rows := cursor.fetchmany(FETCH_ROWS):
         for row in rows:
-            for record in _call_records(row, rewards.get(row[0], {}), options):
+            for record in _call_records(row, rewards.get(row[0], {}), options, history):
                 reward = record["reward"]
                 if options.min_reward is None or (reward is not None and reward >= options.min_reward):
                     yield record
 
 
-def _call_records(row: tuple[Any, ...], rewards: dict[str, float], options: Options) -> Iterator[dict[str, Any]]:
+def _call_records(
+    row: tuple[Any, ...], rewards: dict[str, float], options: Options, history: Conversations
+) -> Iterator[dict[str, Any]]:
     span_id, session_id, turn_index, operation, request, response, prompt_ids, completion_ids, logprobs = row[:9]
-    adapter_version, model, split_session = row[9:]
+    adapter_version, model, split_session, remembered = row[9:]
+    if remembered:  # the model saw memory's examples too: its logged prompt and logprobs are not the client's call
+        prompt_ids, logprobs = None, None
     body = orjson.loads(request)
-    chat = operation == "chat"
+    chat = operation in ("chat", RESPONSES)
     prompt = body.get("messages") if chat else body.get("prompt")
     split = split_of(split_session or span_id, options.session_split)  # a group sample: its client's session
     reward = rewards.get(options.reward_name)
     choices = (orjson.loads(response).get("choices") or []) if response else []
+    if operation == RESPONSES:
+        prompt, choices = history.as_chat(body, orjson.loads(response) if response else {}, session_id, turn_index)
     for position, choice in enumerate(choices):
         if chat and not isinstance(choice.get("message"), dict):
             continue
@@ -254,6 +270,63 @@ def _call_records(row: tuple[Any, ...], rewards: dict[str, float], options: Opti
                 "split": split,
             },
         }
+
+
+class Conversations:
+    """Rebuilds the whole input of Responses calls that continue earlier ones, from the earlier calls' spans."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self._items: dict[str, list[Any]] = {}  # response id -> the conversation's items up to its output
+
+    def as_chat(
+        self, body: dict[str, Any], response: dict[str, Any], session_id: str | None, turn_index: int | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The call's prompt as chat messages, and its output as one chat choice (none when it has no output)."""
+        earlier = self._before(body, session_id, turn_index)
+        instructions = body.get("instructions") if isinstance(body.get("instructions"), str) else None
+        prompt = items.to_messages([*earlier, *items.input_items(body)], instructions=instructions)
+        reply = items.reply(response)
+        return prompt, [{"index": 0, "message": reply}] if reply is not None else []
+
+    def _before(self, body: dict[str, Any], session_id: str | None, turn_index: int | None) -> list[Any]:
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            return self._through(previous)
+        conversation = items.conversation_id(body)
+        if conversation is None or conversation != session_id or turn_index is None:
+            return []
+        rows = self.con.execute(
+            f"""SELECT request, response FROM spans WHERE session_id = ? AND turn_index < ? AND {OK}
+                AND operation_name = '{RESPONSES}' ORDER BY turn_index""",
+            [conversation, turn_index],
+        ).fetchall()
+        return [item for request, response in rows for item in _exchange(request, response)]
+
+    def _through(self, response_id: str) -> list[Any]:
+        """Every item of the conversation up to and including the output of ``response_id``."""
+        chain: list[str] = []  # the responses not rebuilt yet, newest first; each holds its own items meanwhile
+        cursor: str | None = response_id
+        while cursor is not None and cursor not in self._items:
+            row = self.con.execute(
+                f"SELECT request, response FROM spans WHERE response_id = ? AND {OK} LIMIT 1", [cursor]
+            ).fetchone()
+            if row is None:
+                break  # a response this store never saw: the conversation starts after it
+            chain.append(cursor)
+            self._items[cursor] = _exchange(row[0], row[1])
+            previous = orjson.loads(row[0]).get("previous_response_id")
+            cursor = previous if isinstance(previous, str) else None
+        items = self._items.get(cursor, []) if cursor is not None else []
+        for known in reversed(chain):
+            items = self._items[known] = [*items, *self._items[known]]
+        return self._items.get(response_id, [])
+
+
+def _exchange(request: str, response: str | None) -> list[Any]:
+    """A Responses call's input items followed by its output items."""
+    output = (orjson.loads(response) or {}).get("output") if response else None
+    return [*items.input_items(orjson.loads(request)), *(output or ())]
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:

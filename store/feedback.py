@@ -23,6 +23,7 @@ class Feedback(Row):
     comment: str | None
     source: str
     created_at: datetime
+    response_id: str | None = None  # the target, when it names a call this store has not recorded (fleet mode)
 
 
 @dataclass(slots=True, frozen=True)

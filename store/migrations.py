@@ -113,6 +113,92 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "005_share",
+        """
+        -- Fleet mode (store.share): rows are shipped to the share in the order they were committed. One writer
+        -- thread commits, so the rows of every table up to any value of this sequence are all committed.
+        CREATE SEQUENCE share_seq;
+        ALTER TABLE spans ADD COLUMN share_seq BIGINT DEFAULT nextval('share_seq');
+        ALTER TABLE feedback ADD COLUMN share_seq BIGINT DEFAULT nextval('share_seq');
+        ALTER TABLE sessions ADD COLUMN share_seq BIGINT DEFAULT nextval('share_seq');
+        ALTER TABLE feedback ADD COLUMN response_id VARCHAR;  -- its target, when that call was not recorded here
+        CREATE TABLE shipped (
+            kind VARCHAR PRIMARY KEY,           -- spans | feedback | sessions
+            seq BIGINT NOT NULL,                -- every row up to this share_seq is durably in the share
+            segment VARCHAR NOT NULL,           -- the last segment written
+            shipped_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE share_identity (
+            sidecar_id VARCHAR NOT NULL         -- names this store's segments in the share; made once
+        );
+        CREATE TABLE imported (                 -- the learner: segments read from the share into this store
+            segment VARCHAR PRIMARY KEY,
+            rows BIGINT NOT NULL,
+            imported_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+    (
+        "006_span_sizes",
+        """
+        ALTER TABLE spans ADD COLUMN request_bytes BIGINT;   -- other /v1/ paths: the request body's size
+        ALTER TABLE spans ADD COLUMN response_bytes BIGINT;  -- and the response body's, as relayed
+        """,
+    ),
+    (
+        # Counts a client or backend sends may exceed INTEGER ("max_tokens": 3000000000); a value even BIGINT
+        # cannot hold is stored as NULL (store.rows), the raw value staying in the request or response JSON.
+        # DuckDB alters a column's type only with no index on its table: the indexes are made again after.
+        # sessions.end_reason gains "shutdown": sessions still open when the sidecar stopped.
+        "007_wide_counts",
+        """
+        DROP INDEX spans_response_id;
+        DROP INDEX spans_start_time;
+        DROP INDEX spans_session_id;
+        ALTER TABLE spans ALTER COLUMN request_max_tokens TYPE BIGINT;
+        ALTER TABLE spans ALTER COLUMN usage_input_tokens TYPE BIGINT;
+        ALTER TABLE spans ALTER COLUMN usage_output_tokens TYPE BIGINT;
+        CREATE INDEX spans_response_id ON spans (response_id);
+        CREATE INDEX spans_start_time ON spans (start_time);
+        CREATE INDEX spans_session_id ON spans (session_id);
+        """,
+    ),
+    (
+        "008_memory",
+        """
+        ALTER TABLE spans ADD COLUMN memory_version VARCHAR;     -- the memory bank that gave the call examples
+        ALTER TABLE spans ADD COLUMN memory_examples VARCHAR[];  -- the trajectories put in front of it (ids)
+        CREATE TABLE memory_banks (
+            version VARCHAR PRIMARY KEY,        -- m1, m2, ... never reused
+            path VARCHAR NOT NULL,              -- the bank: one trajectory a line (JSONL)
+            parent VARCHAR,                     -- the bank active when it was built
+            data JSON,                          -- where it came from: data window, counts per model
+            status VARCHAR NOT NULL,            -- candidate | canary | active | retired | failed
+            metrics JSON,                       -- evaluation results
+            message VARCHAR,                    -- why it failed or was retired
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+    (
+        # An ART index stays in memory for the life of the process: the one on start_time held ~100 bytes a span
+        # (58 MB of resident memory at 600,000 spans). Spans arrive in time order, so DuckDB's zone maps (min and
+        # max per row group) already skip what a time range excludes: 1.7 ms for the last 10 s of 1M spans.
+        "009_no_time_index",
+        """
+        DROP INDEX spans_start_time;
+        """,
+    ),
+    (
+        "010_upstream_duration",
+        """
+        -- model calls: from sending the request to the backend until its response's last byte (or the call's end,
+        -- when that never came); duration_ms minus this is the time Lightwire added
+        ALTER TABLE spans ADD COLUMN upstream_duration_ms DOUBLE;
+        """,
+    ),
 ]
 
 

@@ -43,11 +43,21 @@ class Span(Row):
     turn_index: int | None
     session_source: str | None
     adapter_version: str | None = None
+    request_bytes: int | None = None
+    response_bytes: int | None = None
+    memory_version: str | None = None
+    memory_examples: list[str] | None = None
+    upstream_duration_ms: float | None = None
 
 
 # The session_source of an extra answer the sidecar sampled for a group (proxy.groups): it has no session, and its
 # parent_span_id is the client's call whose prompt it answers.
 SAMPLE_SOURCE = "sample"
+
+# The operations of model calls; a span of another /v1/ path (proxy.passthrough) is named by its path instead.
+RESPONSES = "responses"  # a call of the Responses API (POST /v1/responses)
+MODEL_OPERATIONS = ("chat", "text_completion", RESPONSES)
+MODEL_CALL = f"operation_name IN {MODEL_OPERATIONS}"  # as SQL
 
 SPAN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Span))
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import duckdb
 
-from optimizers import credit
+from store import credit
 from store.export import OK, snapshot, turn_rewards
-from store.spans import SAMPLE_SOURCE
+from store.spans import MODEL_CALL, SAMPLE_SOURCE
 
 BASE = "base"
-# The agents' calls: every span but the sidecar's own group samples.
-CALLS = f"(SELECT * FROM spans WHERE session_source IS DISTINCT FROM '{SAMPLE_SOURCE}')"
+# The agents' model calls: every span but the sidecar's own group samples and other /v1/ paths.
+CALLS = f"(SELECT * FROM spans WHERE session_source IS DISTINCT FROM '{SAMPLE_SOURCE}' AND {MODEL_CALL})"
 
 
 @dataclass(slots=True)

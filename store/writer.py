@@ -4,14 +4,24 @@ Durability policy, in full:
 
 * **Admission, not dropping.** Every call the proxy accepts first reserves a place in the write queue
   (:meth:`Writer.reserve`). The queue holds at most ``max_pending`` rows; when the store falls behind, new calls
-  wait for a place (backpressure on the agents) instead of any accepted row being dropped. A reserved place is
-  always available to :meth:`Writer.submit`, which never blocks, so a span can be recorded from a ``finally``
-  block of a cancelled request.
+  wait for a place (backpressure on the agents) instead of any accepted row being dropped, but for at most
+  ``wait_timeout`` seconds: then :class:`StoreUnavailable` (the proxy answers 503). A reserved place is always
+  available to :meth:`Writer.submit`, which never blocks, so a span can be recorded from a ``finally`` block of
+  a cancelled request.
 * **Batches, committed within the flush interval.** From a row's arrival the thread gathers what else comes for
   at most ``flush_interval`` (50 ms by default), inserts it all as Arrow tables in one transaction (about 10x
   faster than row-by-row parameters) and commits. A busy proxy writes a few large batches instead of many small
-  ones, and SIGKILL loses only rows that arrived in the last flush interval (plus one write).
-* **Shutdown.** :meth:`Writer.close` enqueues a sentinel; the thread commits what precedes it and closes the file.
+  ones, and SIGKILL loses only rows that arrived in the last flush interval (plus one write). How rows are typed,
+  and what becomes of a row DuckDB refuses, is :mod:`store.rows`.
+* **A failing store keeps its rows.** When a write fails for a reason that is the store's (disk full, I/O
+  error), the thread keeps the batch, tries again with a growing delay (up to ``RETRY_MAX`` seconds) and goes on
+  by itself once the store works again; meanwhile :attr:`Writer.problem` says why (``/healthz`` and ``/readyz``
+  answer 503 with it), accepted rows wait in memory, and new calls wait for a place, then get 503.
+* **Supervised.** An exception that escapes the thread's loop is logged, shown in :attr:`Writer.problem`, and
+  the loop starts again (:attr:`Writer.restarts` counts it) with the rows it held.
+* **Shutdown.** :meth:`Writer.close` enqueues a sentinel; the thread commits what precedes it and closes the
+  file. A store still failing when the close times out (a disk still full) loses the rows it holds; the log
+  says how many.
 
 Reads from the same process use :meth:`Writer.cursor` (DuckDB cursors are safe per thread). Other processes read
 through the sidecar's HTTP API or exported files: DuckDB allows one process per database file.
@@ -20,8 +30,8 @@ through the sidecar's HTTP API or exported files: DuckDB allows one process per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import queue
@@ -33,14 +43,13 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 import duckdb
-import pyarrow as pa
 
+from store import rows as store_rows
 from store.migrations import migrate
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-_BATCH = "lightwire_batch"  # the name an Arrow batch has in the insert statement
 # Rows per transaction at most; larger backlogs are written as several batches.
 MAX_BATCH = 2_000
 # How much nicer the writer thread is than the process. Where it shares a core with the event loop, the kernel
@@ -48,6 +57,15 @@ MAX_BATCH = 2_000
 # small), leaving this thread ~10% of a busy core; the queue's backpressure stops it from falling behind for good.
 # Added p99 at concurrency 1 in bench/proxy_overhead.py: 2.7 ms at 0, 1.9 ms at 10.
 WRITER_NICENESS = 10
+# Seconds before trying a failed write again, doubled after each failure up to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+# Seconds before the thread's loop starts again after an exception escaped it.
+RESTART_DELAY = 0.5
+
+
+class StoreUnavailable(Exception):
+    """The store took no row within the wait: it is failing (the message says why) or far behind."""
 
 
 class Record(Protocol):
@@ -68,19 +86,8 @@ class Row:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Table:
-    """How a batch of one record kind is inserted: as an Arrow table, in one statement."""
-
-    columns: tuple[str, ...]
-    sql: str
-
-    @classmethod
-    def of(cls, kind: type[Record]) -> _Table:
-        columns = tuple(f.name for f in dataclasses.fields(kind))  # type: ignore[arg-type]
-        verb = "INSERT OR REPLACE" if getattr(kind, "replace", False) else "INSERT"
-        names = ", ".join(columns)
-        return cls(columns, f"{verb} INTO {kind.table} ({names}) SELECT {names} FROM {_BATCH}")
+def columns_of(kind: type[Record]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))  # type: ignore[arg-type]
 
 
 class Writer:
@@ -91,61 +98,114 @@ class Writer:
         kinds: Sequence[type[Record]],
         max_pending: int = 10_000,
         flush_interval: float = 0.05,
+        wait_timeout: float = 10.0,
         on_commit: Callable[[list[Record]], None] | None = None,
+        memory_limit_mb: int = 2048,
+        threads: int = 1,
     ) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
         self.flush_interval = flush_interval
+        self.wait_timeout = wait_timeout
         self.on_commit = on_commit
+        # DuckDB's own defaults size it for a database server: 80% of the machine's RAM and a thread per core,
+        # threads that then compete with the event loop at its priority. See the README's "Footprint" section.
+        self.duckdb_config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": f"{memory_limit_mb}MiB",
+            "threads": threads,
+        }
+        # Counts since the writer opened (Prometheus counters in proxy.metrics).
         self.written = 0
-        self.rejected = 0
-        self._tables = {kind.table: _Table.of(kind) for kind in kinds}
+        self.rejected = 0  # rows the store refused
+        self.failures = 0  # attempts to write a batch that failed (it is tried again)
+        self.restarts = 0  # of the thread's loop, after an exception escaped it
+        self.unavailable = 0  # waits for a place, or for a flush, that timed out: StoreUnavailable (503)
+        self.problem: str | None = None  # why the store cannot write now; None while it works
+        self._kinds = {kind.table: kind for kind in kinds}
+        self._tables: dict[str, store_rows.Table] = {}
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
+        # The thread's work in hand, kept across a restart of its loop: rows not yet written, flushes to answer.
+        self._batch: list[Record] = []
+        self._flushes: list[asyncio.Future[None]] = []
+        self._stopping = False
+        self._deadline: float | None = None  # set by close(): when to give up on a failing store
+        self._wake = threading.Event()  # cuts a retry's wait short at close
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.path.with_suffix(store_rows.REJECTED_SUFFIX)
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
     def open(self) -> None:
         """Open (creating if needed) and migrate the database, then start the writer thread."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = duckdb.connect(str(self.path))
+        self._con = duckdb.connect(str(self.path), config=self.duckdb_config)
         applied = migrate(self._con)
         if applied:
             log.info("store %s: applied migrations %s", self.path, ", ".join(applied))
-        self._insert(self._con, {table: [] for table in self._tables})  # DuckDB's first Arrow scan costs ~0.3 s
+        self._tables = {
+            table: store_rows.Table.read(self._con, table, columns_of(kind), replace=getattr(kind, "replace", False))
+            for table, kind in self._kinds.items()
+        }
+        # DuckDB's first Arrow scan costs ~0.3 s: pay it now, not on the first call
+        store_rows.write(self._con, self._tables, {table: [] for table in self._tables})
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.max_pending)
-        self._thread = threading.Thread(target=self._run, name="lightwire-store-writer", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="lightwire-store-writer", daemon=True)
         self._thread.start()
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Write everything submitted so far, then close the file."""
+        """Write everything submitted so far, then close the file; a store still failing after ``timeout`` seconds
+        loses what it holds (logged with the count)."""
         if self._thread is None:
             return
+        self._deadline = time.monotonic() + timeout
         self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join, timeout)
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, timeout + RETRY_MAX + 5)
         if self._thread.is_alive():
-            log.error("store writer did not finish within %.0f s; rows still queued: %d", timeout, self._queue.qsize())
+            log.error("store writer did not finish; rows still queued: %d", self._queue.qsize() + len(self._batch))
         elif self._con is not None:
-            self._con.close()
+            try:
+                self._con.close()
+            except duckdb.Error as exc:  # its last checkpoint failed; the WAL holds what was committed
+                log.error("store %s: closing failed (%s)", self.path, exc)
         self._thread = None
 
     # -- writing ----------------------------------------------------------------------------------------------
 
-    async def reserve(self) -> None:
-        """Wait for a place in the queue; each reservation entitles one :meth:`submit`."""
+    async def reserve(self, *, forever: bool = False) -> None:
+        """Wait for a place in the queue; each reservation entitles one :meth:`submit`.
+
+        Waits at most ``wait_timeout`` seconds, then raises :class:`StoreUnavailable`; with ``forever`` (rows the
+        sidecar makes in the background), as long as it takes.
+        """
         assert self._slots is not None, "writer not open"
-        await self._slots.acquire()
+        if forever or not self._slots.locked():
+            await self._slots.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.wait_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise self._unavailable() from None
 
     async def flush(self) -> None:
-        """Wait until every row submitted so far is committed."""
+        """Wait until every row submitted so far is committed, at most ``wait_timeout`` seconds (then
+        :class:`StoreUnavailable`)."""
         assert self._loop is not None, "writer not open"
         done = self._loop.create_future()
         self._queue.put(done)
-        await done
+        try:
+            async with asyncio.timeout(self.wait_timeout):
+                await done
+        except TimeoutError:
+            raise self._unavailable() from None
 
     def unreserve(self) -> None:
         """Give back a reservation that will not be used."""
@@ -154,115 +214,143 @@ class Writer:
 
     def submit(self, record: Record) -> None:
         """Queue a row whose place was reserved; never blocks."""
-        if record.table not in self._tables:
+        if record.table not in self._kinds:
             raise ValueError(f"this writer does not write {record.table!r} rows")
         self._queue.put(record)
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._batch)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for reads (or writes that need an answer) from another thread of this process."""
         assert self._con is not None, "writer not open"
         return self._con.cursor()
 
+    def _unavailable(self) -> StoreUnavailable:
+        """A wait that timed out: count it, and say why."""
+        self.unavailable += 1
+        if self.problem is not None:
+            return StoreUnavailable(
+                f"The store cannot write ({self.problem}); it keeps the calls it accepted and retries."
+            )
+        return StoreUnavailable(f"The store is behind: {self.pending} rows wait to be written; try again shortly.")
+
     # -- the thread -------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self._con is not None
+    def _main(self) -> None:
         if sys.platform == "linux":  # there, a thread's id names it to setpriority
             me = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
+        assert self._con is not None
         con = self._con.cursor()
-        stopping = False
-        while not stopping:
-            batch: list[Record] = []
-            flushes: list[asyncio.Future[None]] = []
-            item = self._queue.get()
-            # Sleep rather than wait on the queue: a waiting thread would be woken (and take the GIL from the
-            # request path) by every row put in the meantime. A flush request is answered without the wait.
-            if not isinstance(item, asyncio.Future):
-                time.sleep(self.flush_interval)
-            while True:
-                if item is _STOP:
-                    stopping = True
-                    break
-                if isinstance(item, asyncio.Future):
-                    flushes.append(item)
-                else:
-                    batch.append(item)  # type: ignore[arg-type]
-                if len(batch) >= MAX_BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(con, batch)
-            for done in flushes:
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_resolve, done)
-        con.close()
-
-    def _write(self, con: duckdb.DuckDBPyConnection, batch: list[Record]) -> None:
-        rows: dict[str, list[tuple[object, ...]]] = {}
-        for record in batch:
-            try:
-                rows.setdefault(record.table, []).append(record.to_row())
-            except Exception:
-                log.exception("could not build a %s row", record.table)
-                self._reject(record)
-        delay = 0.05
         while True:
             try:
-                self._insert(con, rows)
+                self._serve(con)
                 break
-            except (duckdb.IOException, duckdb.OutOfMemoryException) as exc:
-                # Disk full, a locked file, an I/O error: keep the rows and try again rather than lose them.
+            except BaseException as exc:  # nothing may end the thread that every accepted call waits on
+                self.restarts += 1
+                self.problem = f"the writer thread failed ({exc!r}) and was restarted"
+                log.exception("store writer thread failed; restarting it with %d rows in hand", len(self._batch))
+                time.sleep(RESTART_DELAY)
+        con.close()
+
+    def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
+        while True:
+            if not self._batch and not self._flushes and not self._stopping:
+                self._gather()
+            if self._batch:
+                self._write(con)
+            while self._flushes:
+                self._answer(self._flushes.pop())
+            if self._stopping and not self._batch:
+                return
+
+    def _gather(self) -> None:
+        """Wait for rows, then take what else comes within the flush interval (at most MAX_BATCH)."""
+        self.problem = None  # nothing in hand: a write failing was retried until it worked; a restart is over
+        item = self._queue.get()
+        # Sleep rather than wait on the queue: a waiting thread would be woken (and take the GIL from the
+        # request path) by every row put in the meantime. A flush request is answered without the wait.
+        if not isinstance(item, asyncio.Future):
+            time.sleep(self.flush_interval)
+        while True:
+            if item is _STOP:
+                self._stopping = True
+                return
+            if isinstance(item, asyncio.Future):
+                self._flushes.append(item)
+            else:
+                self._batch.append(item)  # type: ignore[arg-type]
+            if len(self._batch) >= MAX_BATCH:
+                return
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _write(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the batch in hand; while the store fails, keep it and try again (or, closing, set it aside)."""
+        batch = self._batch
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self._write_once(con, batch)
+                break
+            except Exception as exc:
+                self.failures += 1
+                self.problem = str(exc).splitlines()[0] if str(exc) else repr(exc)
                 log.error("store write of %d rows failed (%s); retrying in %.2f s", len(batch), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except Exception:
-                # A row the schema refuses (a bug): write the others one by one, set the bad ones aside.
-                for table, table_rows in rows.items():
-                    for row in table_rows:
-                        try:
-                            self._insert(con, {table: [row]})
-                        except Exception:
-                            log.exception("%s row refused by the store", table)
-                            self._reject(row)
-                break
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._give_up(batch)
+                    return
+                self._wake.wait(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        self.problem = None
         self.written += len(batch)
         assert self._loop is not None and self._slots is not None
         self._loop.call_soon_threadsafe(_release, self._slots, len(batch))
+        self._batch = []
         if self.on_commit is not None:
             try:
                 self.on_commit(batch)
             except Exception:
                 log.exception("on_commit hook failed")
 
-    def _insert(self, con: duckdb.DuckDBPyConnection, rows: dict[str, list[tuple[object, ...]]]) -> None:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            for table, table_rows in rows.items():
-                table_info = self._tables[table]
-                columns = {name: [row[i] for row in table_rows] for i, name in enumerate(table_info.columns)}
-                con.register(_BATCH, pa.table(columns))
-                try:
-                    con.execute(table_info.sql)
-                finally:
-                    con.unregister(_BATCH)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    def _write_once(self, con: duckdb.DuckDBPyConnection, batch: list[Record]) -> None:
+        by_table: dict[str, list[tuple[object, ...]]] = {}
+        refused: list[store_rows.Refusal] = []
+        for record in batch:
+            try:
+                by_table.setdefault(record.table, []).append(record.to_row())
+            except BaseException as exc:  # were it to escape, the same record would fail again after a restart
+                log.exception("could not build a %s row", record.table)
+                refused.append(store_rows.Refusal(record.table, f"could not build the row: {exc!r}", None))
+        refused += store_rows.write(con, self._tables, by_table)
+        if refused:
+            for refusal in refused:
+                log.error("%s row refused by the store: %s", refusal.table, refusal.reason)
+            store_rows.append(self.rejected_path, map(store_rows.refusal_line, refused))
+            self.rejected += len(refused)
 
-    def _reject(self, row: object) -> None:
-        """Keep what the store refused next to the database, so that nothing accepted is lost silently."""
-        self.rejected += 1
-        with open(self.path.with_suffix(".rejected.jsonl"), "a") as fh:
-            fh.write(json.dumps(row, default=repr) + "\n")
+    def _give_up(self, batch: list[Record]) -> None:
+        """Closing, and the store still fails after the close's timeout: say what is lost."""
+        lost = len(batch)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._queue.get_nowait()
+                if isinstance(item, asyncio.Future):
+                    self._flushes.append(item)
+                elif item is not _STOP:
+                    lost += 1
+        log.error("store %s: still failing at shutdown (%s); %d accepted rows are lost", self.path, self.problem, lost)
+        self._stopping = True
+        self._batch = []
+
+    def _answer(self, done: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            self._loop.call_soon_threadsafe(_resolve, done)
 
 
 def _resolve(done: asyncio.Future[None]) -> None:

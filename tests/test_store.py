@@ -1,0 +1,157 @@
+"""The store's own faults: values no column holds, rows DuckDB refuses (and their re-import), a writer thread
+that an exception escapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from store.feedback import Feedback
+from store.spans import Span
+from store.writer import Writer
+from tests.conftest import read_rows
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+# What a backend may send: fields of the wrong type, counts no integer column holds.
+ODD_RESPONSE = {
+    "id": 7,
+    "object": "chat.completion",
+    "model": ["not", "a", "name"],
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": 5}],
+    "usage": {"prompt_tokens": 1e300, "completion_tokens": "many"},
+}
+
+
+def feedback(n: int, value: Any = 1.0) -> Feedback:
+    return Feedback(f"fb-{n}", None, "s1", "reward", value, None, "api", datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC))
+
+
+async def lightwire(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_values_no_column_holds_are_kept_in_the_json_and_the_span_is_written(start_proxy) -> None:
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response(ODD_RESPONSE)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", odd)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    proxy = await start_proxy(f"http://127.0.0.1:{port}/v1")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for max_tokens in (3_000_000_000, 2**64 - 1, 5):  # JSON integers; the second one fits no BIGINT
+                body = {**CHAT, "max_tokens": max_tokens, "temperature": 10**30}
+                async with http.post(proxy.url + "/chat/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+        spans = await proxy.spans()
+    finally:
+        await runner.cleanup()
+    assert [s["request_max_tokens"] for s in spans] == [3_000_000_000, None, 5]
+    assert spans[1]["request"]["max_tokens"] == 2**64 - 1  # the raw value, in the request JSON
+    assert all(s["request_temperature"] == 1e30 for s in spans)
+    for span in spans:  # the backend's odd fields: NULL where typed, the span written
+        assert (span["response_id"], span["response_model"], span["response_finish_reasons"]) == (None, None, None)
+        assert (span["usage_input_tokens"], span["usage_output_tokens"]) == (None, None)
+    assert not proxy.config.db.with_suffix(".rejected.jsonl").exists()
+
+
+async def test_a_refused_row_leaves_its_batch_written_and_reimport_brings_it_back(tmp_path: Path) -> None:
+    db = tmp_path / "store.duckdb"
+    writer = Writer(db, kinds=[Feedback])
+    writer.open()
+    for record in (feedback(1), feedback(2, "not a number"), feedback(3)):  # one batch: one flush interval
+        await writer.reserve()
+        writer.submit(record)
+    await writer.flush()
+    await writer.close()
+    assert [r["feedback_id"] for r in read_rows(db, "SELECT feedback_id FROM feedback ORDER BY 1")] == ["fb-1", "fb-3"]
+    rejected = db.with_suffix(".rejected.jsonl")
+    [line] = [json.loads(text) for text in rejected.read_text().splitlines()]
+    assert line["table"] == "feedback" and "feedback.value" in line["reason"] and "not a number" in line["reason"]
+    assert line["row"]["feedback_id"] == "fb-2" and line["row"]["created_at"] == "2025-01-02T03:04:05+00:00"
+
+    code, out = await lightwire("store", "reimport", "--db", str(db))  # still refused: kept, exit 1
+    assert code == 1 and "1 refused again" in out, out
+    line["row"]["value"] = 0.5  # fixed by hand
+    rejected.write_text(json.dumps(line) + "\n")
+    code, out = await lightwire("store", "reimport", "--db", str(db))
+    assert code == 0 and "imported 1 feedback" in out, out
+    rows = read_rows(db, "SELECT feedback_id, value, created_at FROM feedback ORDER BY 1")
+    assert [(r["feedback_id"], r["value"]) for r in rows] == [("fb-1", 1.0), ("fb-2", 0.5), ("fb-3", 1.0)]
+    assert rows[1]["created_at"] == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert not rejected.exists()
+
+
+async def test_reimport_reads_the_spans_earlier_versions_refused(tmp_path: Path) -> None:
+    """Before wide counts, a span with "max_tokens": 3000000000 was refused and written as a positional list."""
+    db = tmp_path / "store.duckdb"
+    start = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    span = Span(
+        *("0123456789abcdef", "0" * 32, None, "s1", "chat", "openai", "m", "m", "c1", False, 3_000_000_000),
+        *(None, None, ["stop"], 3, 4, json.dumps({**CHAT, "max_tokens": 3_000_000_000}), None, None, None, None),
+        *(start, 12.5, None, 200, None, None, 0, "header"),
+    )
+    old_line = json.dumps(span.to_row(), default=repr)  # what the old writer's _reject wrote
+    db.with_suffix(".rejected.jsonl").write_text(old_line + "\n")
+    code, out = await lightwire("store", "reimport", "--db", str(db))
+    assert code == 0 and "imported 1 spans" in out, out
+    [row] = read_rows(db, "SELECT span_id, request_max_tokens, start_time, response_finish_reasons FROM spans")
+    assert row == {
+        "span_id": "0123456789abcdef",
+        "request_max_tokens": 3_000_000_000,
+        "start_time": start,
+        "response_finish_reasons": ["stop"],
+    }
+
+
+class WriterKilled(BaseException):
+    """Not an Exception: what ends a thread whose loop catches only those."""
+
+
+async def test_an_exception_escaping_the_writer_thread_restarts_it_and_loses_nothing(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def on_commit(records: list[Any]) -> None:
+        seen.append(len(records))
+        if len(seen) == 1:
+            raise WriterKilled("on_commit ended the writer thread")
+
+    writer = Writer(tmp_path / "store.duckdb", kinds=[Feedback], on_commit=on_commit, wait_timeout=30)
+    writer.open()
+    for n in range(4):
+        await writer.reserve()
+        writer.submit(feedback(n))
+        await writer.flush()  # before the restart: a flush that would never be answered
+    await writer.close()
+    assert writer.restarts == 1 and seen == [1, 1, 1, 1]
+    [row] = read_rows(tmp_path / "store.duckdb", "SELECT count(*) AS n FROM feedback")
+    assert row["n"] == 4
+
+
+async def test_spans_keep_only_the_indexes_a_lookup_needs(tmp_path: Path) -> None:
+    """Each ART index on ``spans`` stays in memory, ~100 bytes a span: only the lookups the proxy makes get one."""
+    db = tmp_path / "store.duckdb"
+    writer = Writer(db, kinds=[Span])
+    writer.open()
+    await writer.close()
+    rows = read_rows(db, "SELECT index_name, expressions FROM duckdb_indexes() WHERE table_name = 'spans'")
+    assert {r["index_name"]: r["expressions"] for r in rows} == {
+        "spans_response_id": "[response_id]",  # feedback by response id, previous_response_id
+        "spans_session_id": "[session_id]",  # a named session's earlier turns, session pages
+    }
