@@ -9,41 +9,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
-from optimizers.loop import OPTIMIZER, Optimizer, running
-from proxy import adapters_api, admin, protocol, providers
+from optimizers.loop import Optimizer, running
+from optimizers.memory import Builder
+from optimizers.ports import Judge
+from proxy import adapters_api, admin, memory_api, metrics, passthrough, protocol, providers, responses, ui
+from proxy.adapters_api import OPTIMIZER
 from proxy.backends import BACKENDS, POLICY, UPSTREAM, Backends, backends
 from proxy.config import Config
 from proxy.errors import (
     BackendUnavailable,
+    Forbidden,
     HTTPError,
+    InternalError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    StoreError,
     Unauthorized,
     UpstreamError,
     json_response,
 )
 from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedback
+from proxy.fleet import SHIPPER, shipping
 from proxy.groups import SAMPLER, sampling
-from proxy.hooks import HOOKS, HookRunner, load_hook
-from proxy.relay import CLIENT_GONE, SPAN_HEADER, Call, forward
+from proxy.hooks import HOOKS, HookRunner, judges
+from proxy.loopwatch import LOOP_WATCH, loop_watch_ctx
+from proxy.memory import MEMORY, Memory
+from proxy.memory_api import MEMORY_BUILDER
+from proxy.memory_publish import BANKS, BankPublisher
+from proxy.relay import Call, failures_recorded, forward
 from proxy.sessions import SESSION_HEADER, Sessions
 from proxy.telemetry import Exporter, TraceIds
 from proxy.upstream import response_headers
-from store import queries
+from store import items, queries
 from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
+from store.memory import MemoryBank
 from store.runs import Run
 from store.spans import Span
-from store.writer import Record, Writer
+from store.writer import Record, StoreUnavailable, Writer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +68,12 @@ EXPORTER = web.AppKey("exporter", Exporter)
 SESSIONS = web.AppKey("sessions", Sessions)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Paths answered without any key, and path prefixes guarded by the admin key.
-PUBLIC_PATHS = frozenset({"/healthz"})
-ADMIN_PREFIXES = ("/feedback", "/sessions/", "/admin/")
+# Paths answered without any key (orchestrators probe them; the dashboard's files hold no data: it reads /admin/),
+# and path prefixes guarded by the admin key.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", *ui.SHELL})
+ADMIN_PREFIXES = ("/feedback", "/sessions/", "/admin/", "/metrics")
 # Where a session's calls come from when the agent names it; its turn count may then be in the store already.
-NAMED_SESSION_SOURCES = frozenset({"header", "path", "traceparent"})
+NAMED_SESSION_SOURCES = frozenset({"header", "path", "traceparent", "previous_response", "conversation"})
 
 
 def create_app(config: Config) -> web.Application:
@@ -66,24 +82,36 @@ def create_app(config: Config) -> web.Application:
     hooks = HookRunner(config, group_timeout=config.group_timeout)  # a bad hook name is a ConfigError here
     if hooks.active:
         app[HOOKS] = hooks
+    app.cleanup_ctx.append(loop_watch_ctx)
     if config.otlp_endpoint:
         app.cleanup_ctx.append(exporter_ctx)
     app.cleanup_ctx.append(writer_ctx)
+    if config.share:
+        app.cleanup_ctx.append(share_ctx)  # stops after everything that writes: ships the last rows
     app.cleanup_ctx.append(sessions_ctx)
     if hooks.active:
         app.cleanup_ctx.append(hooks_ctx)  # stops before the feedback desk and the writer it scores through
+    app.cleanup_ctx.append(open_sessions_ctx)  # ends open sessions before the hooks stop
     app.cleanup_ctx.append(backends_ctx)
     app.cleanup_ctx.append(optimizer_ctx)
-    if config.group_samples:
+    app.on_shutdown.append(stop_runs)
+    app.cleanup_ctx.append(memory_ctx)
+    if config.group_samples or config.explore_samples:
         app.cleanup_ctx.append(sampler_ctx)  # stops first: samples still running are cancelled
+    other_paths = passthrough.handler(writer=WRITER, config=CONFIG)
     for prefix in ("", "/s/{session}"):
         app.router.add_post(prefix + "/v1/chat/completions", chat_completions)
         app.router.add_post(prefix + "/v1/completions", completions)
+        app.router.add_post(prefix + "/v1/responses", responses_create)
         app.router.add_get(prefix + "/v1/models", models)
+        app.router.add_route("*", prefix + "/v1/{tail:.+}", other_paths)
     app.router.add_post("/feedback", post_feedback)
     app.router.add_post("/sessions/{session}/end", end_session)
     adapters_api.add_routes(app.router)
+    memory_api.add_routes(app.router)
     admin.add_routes(app.router, writer=WRITER, config=CONFIG)
+    ui.add_routes(app.router, writer=WRITER, config=CONFIG)
+    metrics.add_routes(app, writer=WRITER, config=CONFIG)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
@@ -101,20 +129,24 @@ async def exporter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    exporter, hooks = app.get(EXPORTER), app.get(HOOKS)
+    exporter, hooks, counted = app.get(EXPORTER), app.get(HOOKS), app[metrics.METRICS]
 
     def on_commit(records: list[Record]) -> None:
         if exporter is not None:
             exporter.export([r.span for r in records if isinstance(r, Call) and isinstance(r.span, Span)])
         if hooks is not None:
             hooks.committed(records)
+        counted.committed(records)
 
     writer = Writer(
         config.db,
-        kinds=[Span, Feedback, SessionEnd, Adapter, Run],
+        kinds=[Span, Feedback, SessionEnd, Adapter, Run, MemoryBank],
         max_pending=config.max_pending_spans,
         flush_interval=config.flush_interval_ms / 1000,
-        on_commit=on_commit if exporter or hooks else None,
+        wait_timeout=config.store_wait_timeout,
+        on_commit=on_commit,
+        memory_limit_mb=config.db_memory_limit_mb,
+        threads=config.db_threads,
     )
     writer.open()
     app[WRITER] = writer
@@ -123,9 +155,16 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("store closed: %d spans written", writer.written)
 
 
+async def share_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with shipping(app[CONFIG], app[WRITER]) as shipper:
+        app[SHIPPER] = shipper
+        yield
+
+
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
-    sessions = app[SESSIONS] = Sessions()
-    app[FEEDBACK_DESK] = FeedbackDesk(app[WRITER], sessions)
+    sessions = app[SESSIONS] = Sessions(app[CONFIG].session_index_size)
+    # In a fleet, feedback may name a call another sidecar served: it is kept and shipped for the learner to join.
+    app[FEEDBACK_DESK] = FeedbackDesk(app[WRITER], sessions, accept_unknown=app[CONFIG].share is not None)
     sweeper = asyncio.create_task(close_idle_sessions(app))
     yield
     sweeper.cancel()
@@ -133,18 +172,57 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         await sweeper
 
 
+async def open_sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, once calls in flight are done, end the sessions still open (``end_reason`` "shutdown"), while
+    the session hooks still run: they score them before the process exits (within their drain time)."""
+    yield
+    writer, ended = app[WRITER], app[SESSIONS].end_all()
+    try:
+        for session_id in ended:
+            await writer.reserve()
+            writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason="shutdown"))
+        await writer.flush()  # committed: the hooks have them
+    except StoreUnavailable as exc:
+        log.error("sessions open at shutdown: not all %d ended (%s)", len(ended), exc)
+    else:
+        log.info("sessions open at shutdown: %d ended", len(ended))
+
+
 async def optimizer_ctx(app: web.Application) -> AsyncIterator[None]:
     """The optimizer, running in the background when ``optimize`` is on (it waits for the policy to be ready)."""
     config, found = app[CONFIG], app[BACKENDS]
-    judges = tuple(load_hook(name, "eval") for name in config.eval_hooks)
-    if not judges and HOOKS in app:
-        judges = tuple(app[HOOKS].hooks["span"])
-    optimizer = app[OPTIMIZER] = Optimizer(config, app[WRITER], found, judges)
-    if not (config.optimize and (config.vllm or (not config.upstream and not config.provider_models))):
+    optimizer = app[OPTIMIZER] = Optimizer(config, app[WRITER], lambda: found.publisher, _judges(config))
+    await optimizer.close_interrupted()
+    if not (config.optimize and found.serves_policy) or config.share:  # a fleet's learner optimizes, not its sidecars
         yield
         return
-    async with running(optimizer):
+    async with running(optimizer.loop):
         yield
+
+
+async def stop_runs(app: web.Application) -> None:
+    """Optimizer runs are cancelled when shutdown begins, before the server waits for requests in flight: a run
+    may take minutes, and a ``POST /admin/train`` waiting for one gets its answer (503, run cancelled)."""
+    await app[OPTIMIZER].stop()
+
+
+async def memory_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Memory banks: the active one serves from the start; with memory on for a route, runs build new ones."""
+    config = app[CONFIG]
+    memory = app[MEMORY] = Memory(routes=config.memory, examples=config.memory_examples)
+    banks = app[BANKS] = BankPublisher(memory, app[WRITER], folder=(config.adapters_dir / "memory").resolve())
+    await banks.start()
+    builder = app[MEMORY_BUILDER] = Builder(config, app[WRITER], banks, app[BACKENDS].complete, _judges(config))
+    if not config.memory:
+        yield
+        return
+    async with running(builder.loop):
+        yield
+
+
+def _judges(config: Config) -> tuple[Judge, ...]:
+    """What judges candidates offline: the ``eval_hooks``, else the span hooks."""
+    return judges(config.eval_hooks or config.span_hooks, config)
 
 
 async def sampler_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -164,7 +242,7 @@ async def close_idle_sessions(app: web.Application) -> None:
     while True:
         await asyncio.sleep(min(timeout / 4, 5.0))
         for session_id in sessions.idle(timeout):
-            await writer.reserve()
+            await writer.reserve(forever=True)
             writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason="idle"))
 
 
@@ -184,6 +262,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except HTTPError as exc:
         return exc.response()
+    except StoreUnavailable as exc:
+        return StoreError(str(exc), headers={"Retry-After": "5"}).response()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].max_body_mb
         return PayloadTooLarge(f"The request body is larger than the {limit:g} MiB limit.").response()
@@ -192,12 +272,30 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return InvalidRequest(f"{request.method} is not allowed on {request.path}; use {allowed}.").response()
+    except ConnectionResetError:
+        raise  # the client is gone: there is no one to answer
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        if request.writer.output_size > 0:
+            raise  # the answer has begun: aiohttp closes the connection
+        return InternalError("Lightwire failed to handle this request; its log has the details.").response()
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Model calls need a client key when some are set; admin paths need the admin key when it is set."""
+    """Model calls need a client key when some are set; admin paths need the admin key when it is set.
+
+    The admin API (``/admin/``: adapters, runs, export of all traffic) is off with 403 when the proxy listens
+    beyond this machine and no ``admin_key`` is set: client keys are handed to agents, and no key at all would
+    open it to the network. ``/feedback`` and ``/sessions`` stay guarded by the client keys, as documented.
+    """
     config = request.app[CONFIG]
+    if request.path.startswith("/admin/") and not config.admin_key and not is_loopback(config.host):
+        raise Forbidden(
+            f"The admin API is off: this sidecar listens on {config.host or 'every address'}, beyond this machine, "
+            "and no admin_key is set. Set admin_key (LIGHTWIRE_ADMIN_KEY or --admin-key) and send it as a Bearer "
+            "token."
+        )
     keys = config.api_keys
     if config.admin_key and request.path.startswith(ADMIN_PREFIXES):
         keys = (config.admin_key,)
@@ -207,6 +305,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not any(hmac.compare_digest(given, key.encode()) for key in keys):
             raise Unauthorized("Incorrect or missing API key for this Lightwire proxy.")
     return await handler(request)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only (a name other than localhost: no)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- routes -------------------------------------------------------------------------------------------------
@@ -220,40 +328,47 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await model_call(request, protocol.TEXT_COMPLETION)
 
 
+async def responses_create(request: web.Request) -> web.StreamResponse:
+    return await model_call(request, responses.RESPONSES)
+
+
 async def model_call(request: web.Request, operation: str) -> web.StreamResponse:
     """Validate, reserve a place in the store, forward, and record exactly one span whatever happens."""
     raw = await request.read()
-    body = protocol.parse_request(operation, raw)
+    started = time.perf_counter()  # from here on, the time is Lightwire's or the backend's
     writer, found, sessions = request.app[WRITER], request.app[BACKENDS], request.app[SESSIONS]
+    continued = None
+    if operation == responses.RESPONSES:
+        body = responses.parse_request(raw)
+        messages = None if body.get("previous_response_id") else responses.conversation_messages(body)
+        continued = await _continued(writer, sessions, body)
+    else:
+        body = protocol.parse_request(operation, raw)
+        messages = body.get("messages") if operation == protocol.CHAT else None
     target = found.target(body["model"])
-    call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), target)
-    messages = body.get("messages") if operation == protocol.CHAT else None
+    call = Call(operation, body, raw, TraceIds.new(request.headers.get("traceparent")), target, started=started)
     call.session_id, call.session_source, conversation = sessions.attribute(
         header=request.headers.get(SESSION_HEADER),
         path=request.match_info.get("session"),
         trace_id=call.ids.trace_id if call.ids.parent_span_id else None,
+        continued=continued,
         messages=messages,
     )
     earlier_turns = None
     if call.session_source in NAMED_SESSION_SOURCES and not sessions.is_known(call.session_id):
         earlier_turns = await asyncio.to_thread(_count_turns, writer, call.session_id)
-    await writer.reserve()
-    call.turn_index = sessions.begin(call.session_id, earlier_turns)
-    sessions.remember_call(call.ids.span_id, None, call.session_id)
+    await writer.reserve()  # from here on, the finally clause submits the call: its place is always given back
     try:
-        if target == POLICY:
-            return await _forward_to_policy(request, call, found)
-        if target == UPSTREAM:
-            assert found.upstream is not None
-            return await forward(request, call, found.upstream, request.app[CONFIG])
-        return await providers.forward(request, call, target, request.app[CONFIG])
-    except HTTPError as exc:
-        call.fail(exc.status, exc.code or exc.type, exc.message)
-        exc.headers[SPAN_HEADER] = call.ids.span_id
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        call.fail(CLIENT_GONE, "client_disconnected", "The client closed the connection.")
-        raise
+        with failures_recorded(call):
+            call.turn_index = sessions.begin(call.session_id, earlier_turns)
+            sessions.remember_call(call.ids.span_id, None, call.session_id)
+            request.app[MEMORY].inject(call)
+            if target == POLICY:
+                return await _forward_to_policy(request, call, found)
+            if target == UPSTREAM:
+                assert found.upstream is not None
+                return await forward(request, call, found.upstream, request.app[CONFIG])
+            return await providers.forward(request, call, target, request.app[CONFIG])
     finally:
         call.end()
         writer.submit(call)
@@ -265,15 +380,33 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
 
 
 async def _forward_to_policy(request: web.Request, call: Call, found: Backends) -> web.StreamResponse:
-    assert found.policy is not None
-    if found.problem:
-        raise BackendUnavailable(found.problem)
-    replica, version = await found.policy.acquire(call.session_id)
+    policy = found.require_policy()
+    replica, version = await policy.acquire(call.session_id)
     call.adapter_version = version.version
     try:
         return await forward(request, call, replica.upstream, request.app[CONFIG], model=version.served_name)
     finally:
-        found.policy.release(replica, version)
+        policy.release(replica, version)
+
+
+async def _continued(writer: Writer, sessions: Sessions, body: dict[str, Any]) -> tuple[str, str] | None:
+    """The session a Responses call continues, and how it is known: the session of the response named by
+    ``previous_response_id`` (recent calls in memory, else the store), else its ``conversation`` id."""
+    previous = body.get("previous_response_id")
+    if previous:
+        found: tuple[str, str | None] | None = sessions.find_call(previous)
+        if found is None:
+            await writer.flush()
+            found = await asyncio.to_thread(_find_response, writer, previous)
+        if found is not None and found[1] is not None:
+            return found[1], "previous_response"
+    conversation = items.conversation_id(body)
+    return (conversation, "conversation") if conversation else None
+
+
+def _find_response(writer: Writer, response_id: str) -> tuple[str, str | None] | None:
+    with writer.cursor() as con:
+        return queries.find_call(con, response_id=response_id)
 
 
 def _count_turns(writer: Writer, session_id: str) -> int:
@@ -282,46 +415,89 @@ def _count_turns(writer: Writer, session_id: str) -> int:
 
 
 async def models(request: web.Request) -> web.Response:
+    """The backend's models, then the names the sidecar routes elsewhere (routes, provider models)."""
     found = request.app[BACKENDS]
-    if found.policy is not None:
-        replica = next((r for r in found.policy.replicas if r.usable()), None)
+    listed: list[dict[str, Any]] = []
+    upstream = None
+    if found.serves_policy:
+        replica = next((r for r in found.require_policy().replicas if r.usable()), None)
         if replica is None:
-            raise BackendUnavailable("The model is still starting.", headers={"Retry-After": "5"})
+            raise BackendUnavailable("Every model replica is reloading weights.", headers={"Retry-After": "5"})
         upstream = replica.upstream
-    else:
-        assert found.upstream is not None
+    elif found.upstream is not None:
         upstream = found.upstream
-    headers = upstream.headers(request.headers, traceparent=TraceIds.new(None).traceparent)
-    try:
-        async with upstream.session.get(upstream.url("/models"), headers=headers) as resp:
-            return web.Response(body=await resp.read(), status=resp.status, headers=response_headers(resp.headers))
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"Could not reach the upstream: {exc}.") from None
+    if upstream is not None:
+        headers = upstream.headers(request.headers, traceparent=TraceIds.new(None).traceparent)
+        try:
+            async with upstream.session.get(upstream.url("/models"), headers=headers) as resp:
+                content = await resp.read()
+                if resp.status != 200:
+                    return web.Response(body=content, status=resp.status, headers=response_headers(resp.headers))
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"Could not reach the upstream: {exc}.") from None
+        try:
+            listed = [m for m in orjson.loads(content).get("data") or () if isinstance(m, dict)]
+        except (orjson.JSONDecodeError, AttributeError):
+            raise UpstreamError("The upstream's model list is not an OpenAI list object.") from None
+    known = {m.get("id") for m in listed}
+    for name, target in [*found.routes.items(), *((p, p) for p in found.providers)]:
+        if name not in known:
+            known.add(name)
+            listed.append({"id": name, "object": "model", "created": 0, "owned_by": f"lightwire:{target}"})
+    return json_response({"object": "list", "data": listed})
+
+
+def store_health(app: web.Application) -> dict[str, int]:
+    """The store's part of ``/healthz`` and ``/readyz``: its counts, or a 503 saying why it cannot write."""
+    writer = app[WRITER]
+    if writer.problem is not None:
+        raise StoreError(f"The store cannot write: {writer.problem}", headers={"Retry-After": "5"})
+    return {
+        "spans_written": writer.written,
+        "spans_pending": writer.pending,
+        "rows_rejected": writer.rejected,
+        "writer_restarts": writer.restarts,
+    }
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness, and what is being served: always 200 while the process works."""
-    writer, found = request.app[WRITER], request.app[BACKENDS]
-    body: dict[str, Any] = {"status": "ok", "spans_written": writer.written, "spans_pending": writer.pending}
+    """Liveness, and what is being served: 200 while the process works, 503 while its store cannot write."""
+    found = request.app[BACKENDS]
+    body: dict[str, Any] = {"status": "ok", **store_health(request.app)}
+    body["loop"] = request.app[LOOP_WATCH].report()
     if HOOKS in request.app:
         body["hooks"] = request.app[HOOKS].stats()
-    if found.policy is not None:
-        policy = found.policy
-        body["policy"] = {
-            "ready": policy.ready(),
-            "mode": policy.mode,
-            "base": policy.base.served_name,
-            "active": policy.active.label,
-            "canary": policy.canary.label if policy.canary else None,
-            "canary_fraction": policy.canary_fraction,
-            "problem": found.problem,
-        }
+    if SHIPPER in request.app:
+        body["share"] = request.app[SHIPPER].stats()
+    if found.serves_policy:
+        state = found.policy_state()
+        body["policy"] = {"state": state, "ready": state == "ready", "problem": found.problem}
+        if found.policy is not None:
+            policy = found.policy
+            body["policy"] |= {
+                "mode": policy.mode,
+                "base": policy.base.served_name,
+                "active": policy.active.label,
+                "canary": policy.canary.label if policy.canary else None,
+                "canary_fraction": policy.canary_fraction,
+            }
+    explorer = request.app[SAMPLER].explorer if SAMPLER in request.app else None
+    if explorer is not None:
+        body["explore"] = explorer.stats()
+    memory = request.app[MEMORY]
+    body["memory"] = {
+        "routes": sorted(memory.routes),
+        "active": memory.label,
+        "canary": memory.canary.version if memory.canary else None,
+        "canary_fraction": memory.canary_fraction,
+    }
     return json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 once calls can be served, else 503: for orchestrators and scripts that wait for the model."""
-    policy = request.app[BACKENDS].policy
-    if policy is not None and not policy.ready():
-        raise BackendUnavailable("The model is still starting.", headers={"Retry-After": "5"})
+    """200 once calls can be served, else 503 saying why: for orchestrators and scripts that wait for the model."""
+    store_health(request.app)
+    found = request.app[BACKENDS]
+    if found.serves_policy:
+        found.require_policy()
     return json_response({"status": "ready"})

@@ -57,7 +57,10 @@ class Config:
     max_lora_rank: int = setting(16, "Largest LoRA rank vLLM accepts (--max-lora-rank).")
     vllm_kv_cache_gib: int = setting(2, "GiB of memory for the managed vLLM's KV cache (CPU).")
     upstream_api_key: str | None = setting(
-        None, "Bearer token sent to the upstream; default: the client's own Authorization header.", secret=True
+        None,
+        "Bearer token sent to the backend (--upstream, --vllm); without it an --upstream gets the client's own "
+        "Authorization header unless it is a Lightwire key, and vLLM none.",
+        secret=True,
     )
     api_keys: tuple[str, ...] = setting(
         (),
@@ -67,10 +70,14 @@ class Config:
     )
     admin_key: str | None = setting(
         None,
-        "Key guarding /feedback, /sessions and the admin API; none set = the client keys guard them.",
+        "Key guarding /feedback, /sessions and the admin API; none set = the client keys guard them, and the "
+        "admin API is off (403) unless host is a loopback address.",
         secret=True,
     )
     session_idle_timeout: float = setting(300.0, "Seconds without a call after which a session is closed.")
+    session_index_size: int = setting(
+        50_000, "Recent calls remembered for session linking and early feedback (~1 KB each); older ones are not."
+    )
     capture_tokens: str = setting(
         "auto",
         "Ask the backend for token ids and logprobs: auto (when it is vLLM), always or never.",
@@ -88,6 +95,14 @@ class Config:
     max_pending_spans: int = setting(
         10_000, "Spans that may wait for the store; past this new calls wait (backpressure)."
     )
+    store_wait_timeout: float = setting(
+        10.0, "Most seconds a call waits for a place in the store's queue (full, or the store failing); then 503."
+    )
+    db_memory_limit_mb: int = setting(
+        2048,
+        "MiB DuckDB may use (its own default: 80% of RAM); must exceed its indexes, ~160 bytes a span in the file.",
+    )
+    db_threads: int = setting(1, "DuckDB's worker threads; 1 keeps the store's work on its one (nice) writer thread.")
     # Rewards and datasets
     span_hooks: tuple[str, ...] = setting(
         (), "Reward hook scoring each call, as module:function (repeatable).", flag="--span-hook"
@@ -117,17 +132,39 @@ class Config:
         "Answers per prompt served by the policy: the sidecar samples the missing ones in the background, "
         "unseen by the client, for GRPO groups (0: off).",
     )
+    explore_samples: int = setting(
+        0,
+        "Extra background samples for a policy call whose task failed in every recent attempt, so that a first "
+        "success can appear (needs span hooks to score them; 0: off).",
+    )
+    explore_temperature: float = setting(1.2, "Sampling temperature of exploration samples.")
+    explore_attempts: int = setting(4, "Recent rewarded sessions of a task that must all have failed to explore it.")
+    explore_budget: int = setting(120, "Most exploration samples a minute (the CPU they may take).")
+    # Experiential memory
+    memory: tuple[str, ...] = setting(
+        (),
+        "Model name whose calls get worked examples from the active memory bank, or * for every route "
+        "(repeatable; none: off).",
+        flag="--memory",
+    )
+    memory_examples: int = setting(2, "Best-rewarded trajectories put in front of a call when memory is on.")
+    memory_size: int = setting(10000, "Most trajectories a memory bank keeps per model, the best-rewarded first.")
     # The optimizer
     optimize: bool = setting(True, "Train, evaluate and publish adapters in the background (needs the policy).")
     train_algorithm: str = setting("sft", "What runs optimize: sft (filtered behaviour cloning), kto or grpo.")
     train_min_turns: int = setting(32, "New rewards that start an optimizer run.")
-    train_min_interval: float = setting(300.0, "Least seconds between the starts of two optimizer runs.")
+    train_min_interval: float = setting(
+        0.0, "Least seconds between the starts of two optimizer runs (0: as soon as the last one has ended)."
+    )
     train_learning_rate: float = setting(2e-4, "Learning rate of optimizer runs.")
     train_epochs: int = setting(1, "Passes over the training data per run.")
     train_window: str = setting(
         "new", "Sessions a run trains on: new (since the active version's data: it learned the rest) or all."
     )
     train_threads: int = setting(1, "torch CPU threads of optimizer runs (0: torch's choice); vLLM shares the CPU.")
+    train_processes: int = setting(
+        1, "Processes an optimizer run trains in, data parallel under torchrun (one per GPU; gloo on the CPU)."
+    )
     runs_dir: Path = setting(Path("lightwire-runs"), "Where optimizer runs keep their data, logs and checkpoints.")
     eval_split: float = setting(0.1, "Share of sessions held out of training, to evaluate candidates on.")
     eval_hooks: tuple[str, ...] = setting(
@@ -139,6 +176,17 @@ class Config:
     eval_canary_fraction: float = setting(0.5, "Share of sessions a candidate gets in an online evaluation.")
     eval_min_sessions: int = setting(20, "Rewarded sessions each arm needs before an online evaluation decides.")
     eval_timeout: float = setting(1800.0, "Seconds an online evaluation waits for them; then the candidate retires.")
+    # Fleet mode: many sidecars, one learner
+    share: str | None = setting(
+        None,
+        "Folder or fsspec URL (e.g. s3://bucket/prefix) where sidecars ship what they record and the learner "
+        "publishes versions (unset: one process does everything).",
+    )
+    share_interval: float = setting(2.0, "Seconds between two shipments of new rows to the share (and reads of it).")
+    share_poll: float = setting(0.5, "Seconds between two reads of the share's registry by a sidecar.")
+    lease_ttl: float = setting(
+        15.0, "Seconds a learner's hold on the share lasts unless renewed (a crashed one's lapses)."
+    )
     # Telemetry
     otlp_endpoint: str | None = setting(
         None, "OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces) to export spans to."
@@ -158,10 +206,23 @@ class Config:
             raise ConfigError(f"train_algorithm must be sft, kto or grpo, not {self.train_algorithm!r}")
         if self.credit_policy not in {"last", "broadcast", "discounted"}:
             raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
-        if self.max_body_mb <= 0 or self.max_pending_spans < 1 or self.upstream_connections < 1:
-            raise ConfigError("max_body_mb, max_pending_spans and upstream_connections must be positive")
+        positive = ("max_body_mb", "max_pending_spans", "upstream_connections", "db_memory_limit_mb", "db_threads")
+        if any(getattr(self, name) <= 0 for name in (*positive, "session_index_size")):
+            raise ConfigError(f"{', '.join(positive)} and session_index_size must be positive")
+        if self.train_processes < 1:
+            raise ConfigError(f"train_processes must be 1 or more, not {self.train_processes}")
         if self.group_samples < 0:
             raise ConfigError(f"group_samples must be 0 (off) or more, not {self.group_samples}")
+        if self.explore_samples < 0 or self.explore_attempts < 1 or self.explore_budget < 1:
+            raise ConfigError("explore_samples must be 0 or more, explore_attempts and explore_budget 1 or more")
+        if self.memory_examples < 1 or self.memory_size < 1:
+            raise ConfigError("memory_examples and memory_size must be 1 or more")
+        if min(self.share_interval, self.share_poll, self.lease_ttl) <= 0:
+            raise ConfigError("share_interval, share_poll and lease_ttl must be positive")
+        if self.share and self.swap_mode == "merged":
+            raise ConfigError("with a share, versions are served as LoRA adapters (swap_mode lora or auto)")
+        if self.share and not self.vllm and not (self.upstream or self.provider_models):
+            raise ConfigError("with a share, the policy is served by --vllm servers that the learner also reaches")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http(s) URL, not {self.upstream!r}")
 

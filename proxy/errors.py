@@ -2,16 +2,19 @@
 
 ::
 
-    LightwireError                      base; never raised itself
+    LightwireError                      base (store.errors); never raised itself
     ├── ConfigError                     bad settings, raised at start-up
     └── HTTPError                       turned into an OpenAI-shaped error response
         ├── InvalidRequest        400   malformed JSON, missing fields
         ├── Unauthorized          401   wrong or missing client API key
+        ├── Forbidden             403   a route that the settings switch off (the admin API without a key)
         ├── NotFound              404   unknown route or target
         ├── PayloadTooLarge       413   body over --max-body-mb
         ├── UpstreamError         502   upstream refused the connection or broke the protocol
         │   └── ProviderError     4xx/5xx  a provider's own error, reached through litellm
+        ├── InternalError         500   a bug in Lightwire (the log has the traceback)
         ├── BackendUnavailable    503   no backend ready (starting, restarting)
+        ├── StoreError            503   the store cannot write, and its queue stayed full
         └── UpstreamTimeout       504   upstream did not answer in time
 
 Every error body has OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so that SDK clients
@@ -25,9 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-
-class LightwireError(Exception):
-    pass
+from store.errors import LightwireError
 
 
 class ConfigError(LightwireError):
@@ -79,6 +80,12 @@ class Unauthorized(HTTPError):
     code = "invalid_api_key"
 
 
+class Forbidden(HTTPError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(HTTPError):
     status = 404
     type = "invalid_request_error"
@@ -101,10 +108,22 @@ class ProviderError(UpstreamError):
     """A provider's error (its status and message) when it is reached through litellm."""
 
 
+class InternalError(HTTPError):
+    status = 500
+    type = "server_error"
+    code: str = "internal_error"
+
+
 class BackendUnavailable(HTTPError):
     status = 503
     type = "server_error"
     code = "backend_unavailable"
+
+
+class StoreError(HTTPError):
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
 
 
 class UpstreamTimeout(HTTPError):

@@ -5,6 +5,9 @@ Feedback names its target by exactly one of ``span_id``, ``response_id`` (the ``
 rewards per target; default ``"reward"``), ``comment`` and ``feedback_id``. A repeated ``feedback_id`` gets the
 first answer again and writes nothing. Targets are found among recent calls in memory first, so feedback that
 arrives before its span is written attaches all the same, then in the store, so late feedback does too.
+
+In a fleet (``--share``), feedback whose target this sidecar has never seen is accepted all the same (202, with
+``"attached": false``) and shipped: another sidecar may have served that call, and the learner joins the two.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ from store.writer import Writer
 
 TARGETS = ("span_id", "response_id", "session_id")
 DEFAULT_NAME = "reward"
-ANSWERS_KEPT = 100_000
+ANSWERS_KEPT = 10_000  # answers to recent feedback kept for repeats (~1 KB each); older ones come from the store
 
 
 class FeedbackDesk:
     """Takes feedback and session ends for one proxy process."""
 
-    def __init__(self, writer: Writer, sessions: Sessions) -> None:
+    def __init__(self, writer: Writer, sessions: Sessions, *, accept_unknown: bool = False) -> None:
         self.writer = writer
         self.sessions = sessions
+        self.accept_unknown = accept_unknown
         self._answers: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def post(self, body: dict[str, Any], *, source: str = "api") -> dict[str, Any]:
@@ -51,7 +55,8 @@ class FeedbackDesk:
         value = reward_value(body.get("reward"))
         name = _optional_str(body, "name") or DEFAULT_NAME
         comment = _optional_str(body, "comment")
-        span_id, session_id = await self._resolve(targets[0], target)
+        found = await self._resolve(targets[0], target)
+        span_id, session_id = found or self._unattached(targets[0], target)
         await self.writer.reserve()
         earlier = self._answers.get(feedback_id) if feedback_id else None
         if earlier is not None:  # the same feedback_id arrived twice at once
@@ -66,6 +71,7 @@ class FeedbackDesk:
             comment=comment,
             source=source,
             created_at=datetime.now(UTC),
+            response_id=target if found is None and targets[0] == "response_id" else None,
         )
         self.writer.submit(row)
         answer = {
@@ -77,6 +83,7 @@ class FeedbackDesk:
             "value": value,
             "comment": comment,
             "created_at": row.created_at.isoformat(),
+            "attached": found is not None,
         }
         self._answers[row.feedback_id] = answer
         while len(self._answers) > ANSWERS_KEPT:
@@ -84,17 +91,24 @@ class FeedbackDesk:
         return answer
 
     async def end_session(self, session_id: str, reason: str = "ended") -> None:
-        if not self.sessions.is_known(session_id) and not await self._in_store(queries.session_turns, session_id):
+        known = self.sessions.is_known(session_id) or await self._in_store(queries.session_turns, session_id)
+        if not known and not self.accept_unknown:
             raise NotFound(f"No session {session_id!r}.")
         self.sessions.end(session_id)
         await self.writer.reserve()
         self.writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason=reason))
 
+    def _unattached(self, kind: str, target: str) -> tuple[str | None, str | None]:
+        """What a row can say about a target recorded elsewhere: its span id or session id (a response id has its
+        own column)."""
+        return (target if kind == "span_id" else None), (target if kind == "session_id" else None)
+
     async def _earlier_answer(self, feedback_id: str) -> dict[str, Any] | None:
         return self._answers.get(feedback_id) or await self._in_store(queries.feedback_answer, feedback_id)
 
-    async def _resolve(self, kind: str, target: str) -> tuple[str | None, str | None]:
-        """``(span_id, session_id)`` of the target, or :class:`NotFound`."""
+    async def _resolve(self, kind: str, target: str) -> tuple[str | None, str | None] | None:
+        """``(span_id, session_id)`` of the target; None when it is unknown here and may be elsewhere (a fleet),
+        else :class:`NotFound`."""
         if kind == "session_id":
             if self.sessions.is_known(target) or await self._in_store(queries.session_turns, target):
                 return None, target
@@ -105,6 +119,8 @@ class FeedbackDesk:
                 found = await self._in_store(lambda con: queries.find_call(con, **key))
             if found is not None:
                 return found
+        if self.accept_unknown:
+            return None
         raise NotFound(f"No call or session with {kind} {target!r}.", param=kind)
 
     async def _in_store(self, query: Any, *args: Any) -> Any:
@@ -148,7 +164,8 @@ FEEDBACK_DESK = web.AppKey("feedback_desk", FeedbackDesk)
 
 
 async def post_feedback(request: web.Request) -> web.Response:
-    return json_response(await request.app[FEEDBACK_DESK].post(json_object(await request.read())))
+    answer = await request.app[FEEDBACK_DESK].post(json_object(await request.read()))
+    return json_response(answer, status=200 if answer.get("attached", True) else 202)
 
 
 async def end_session(request: web.Request) -> web.Response:

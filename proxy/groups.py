@@ -35,17 +35,17 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import protocol
+from proxy import http1
 from proxy.backends import Backends
 from proxy.config import Config
 from proxy.errors import HTTPError
+from proxy.explore import Explorer, exploring
 from proxy.policy import Replica, Version
-from proxy.relay import PATHS, Call
+from proxy.relay import Call
 from proxy.telemetry import TraceIds, random_hex
 from store.spans import SAMPLE_SOURCE
 from store.writer import Writer
@@ -60,9 +60,10 @@ NOT_RESENT = ("n", "stream", "stream_options", "seed")
 class Sampler:
     """Samples more answers to the policy's calls, for one proxy process."""
 
-    def __init__(self, config: Config, writer: Writer, backends: Backends) -> None:
+    def __init__(self, config: Config, writer: Writer, backends: Backends, explorer: Explorer | None = None) -> None:
         self.size = config.group_samples
-        self.timeout = aiohttp.ClientTimeout(total=config.first_byte_timeout + config.chunk_timeout)
+        self.explorer = explorer
+        self.timeout = config.first_byte_timeout + config.chunk_timeout
         self.writer = writer
         self.backends = backends
         self.recorded = self.failed = self.skipped = 0
@@ -70,21 +71,23 @@ class Sampler:
 
     def after(self, call: Call, headers: Mapping[str, str]) -> None:
         """``call``, served by the policy, is over: start its samples in the background. Never waits, never raises."""
-        wanted = self.size - _choices(call.body)
-        if wanted < 1 or call.status != 200 or call.error_type is not None or call.response is None:
+        if call.status != 200 or call.error_type is not None or call.response is None:
             return
-        if call.body.get("temperature") == 0:
+        greedy = call.body.get("temperature") == 0
+        wanted = 0 if greedy or not self.size else self.size - _choices(call.body)
+        hotter = self.explorer.wanted(call) if self.explorer is not None else 0
+        if wanted < 1 and hotter < 1:
             return
         if len(self._tasks) >= MAX_PENDING:
             self.skipped += 1
             if self.skipped % SKIP_LOG_EVERY == 1:
                 log.warning("group samples: %d calls in flight; call %s gets none", MAX_PENDING, call.ids.span_id)
             return
-        task = asyncio.create_task(self._sample(call, CIMultiDict(headers), wanted))
+        task = asyncio.create_task(self._sample(call, CIMultiDict(headers), max(wanted, 0), hotter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _sample(self, call: Call, headers: CIMultiDict[str], wanted: int) -> None:
+    async def _sample(self, call: Call, headers: CIMultiDict[str], wanted: int, hotter: int = 0) -> None:
         policy = self.backends.policy
         assert policy is not None
         try:
@@ -95,7 +98,10 @@ class Sampler:
         try:
             if version.version != call.adapter_version:
                 return  # the session moved to another version meanwhile: its samples would not be the client's
-            samples = await asyncio.gather(*(self._one(call, replica, version, headers) for _ in range(wanted)))
+            temperatures = [None] * wanted + [self.explorer.temperature if self.explorer else None] * hotter
+            samples = await asyncio.gather(
+                *(self._one(call, replica, version, headers, temperature) for temperature in temperatures)
+            )
         finally:
             policy.release(replica, version)
         for sample in samples:
@@ -104,8 +110,13 @@ class Sampler:
                 self.writer.submit(sample)
                 self.recorded += 1
 
-    async def _one(self, call: Call, replica: Replica, version: Version, headers: CIMultiDict[str]) -> Call | None:
+    async def _one(
+        self, call: Call, replica: Replica, version: Version, headers: CIMultiDict[str], temperature: float | None
+    ) -> Call | None:
+        """One sample; at ``temperature`` (exploration) instead of the client's when given."""
         body = {k: v for k, v in call.body.items() if k not in NOT_RESENT}
+        if temperature is not None:
+            body["temperature"] = temperature
         ids = TraceIds(call.ids.trace_id, random_hex(8), call.ids.span_id, call.ids.flags)
         sample = Call(call.operation, body, orjson.dumps(body), ids, call.provider)
         sample.session_source = SAMPLE_SOURCE
@@ -113,18 +124,13 @@ class Sampler:
         upstream = replica.upstream
         outgoing: dict[str, Any] = {**body, "model": version.served_name}
         if await upstream.capture_tokens():
-            outgoing, sample.injected = protocol.ask_for_tokens(call.operation, outgoing)
+            outgoing, sample.injected = call.wire.ask_for_tokens(outgoing)
         sample.provider = upstream.provider
         try:
-            async with upstream.session.post(
-                upstream.url(PATHS[call.operation]),
-                data=orjson.dumps(outgoing),
-                headers=_json_headers(upstream.headers(headers, traceparent=ids.traceparent)),
-                timeout=self.timeout,
-            ) as resp:
-                sample.status = resp.status
-                sample.response_raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            sample.status, sample.response_raw = await upstream.exchange(
+                call.wire.path, outgoing, incoming=headers, traceparent=ids.traceparent, timeout=self.timeout
+            )
+        except (http1.HTTPClientError, TimeoutError) as exc:
             self._failed(call, f"{type(exc).__name__}: {exc}")
             return None
         sample.end()
@@ -143,11 +149,6 @@ class Sampler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _json_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    headers["Content-Type"] = "application/json"
-    return headers
-
-
 def _choices(body: dict[str, Any]) -> int:
     n = body.get("n")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
@@ -160,11 +161,19 @@ SAMPLER = web.AppKey("sampler", Sampler)
 async def sampling(config: Config, writer: Writer, backends: Backends) -> AsyncIterator[Sampler]:
     """The sampler for an app's lifetime; samples still running at shutdown are cancelled."""
     if not config.span_hooks:
-        log.warning(
-            "group_samples is %d but no span hook is set: the extra samples get no reward", config.group_samples
-        )
-    sampler = Sampler(config, writer, backends)
-    try:
-        yield sampler
-    finally:
-        await sampler.stop()
+        log.warning("group or exploration samples are on but no span hook is set: the samples get no reward")
+    async with contextlib.AsyncExitStack() as stack:
+        explorer = None
+        if config.explore_samples:
+            explorer = Explorer(
+                samples=config.explore_samples,
+                temperature=config.explore_temperature,
+                attempts=config.explore_attempts,
+                budget=config.explore_budget,
+            )
+            await stack.enter_async_context(exploring(explorer, writer))
+        sampler = Sampler(config, writer, backends, explorer)
+        try:
+            yield sampler
+        finally:
+            await sampler.stop()

@@ -13,7 +13,9 @@ Each hook is named ``module:function`` and is of one of three kinds:
 
 A hook returns a number or bool (written as the feedback named ``"reward"``), a dict ``{name: value}`` of named
 rewards, or None (no score). Rows go to ``feedback`` like any other, with ``source = "hook:module:function"``.
-A hook that takes a ``config`` keyword (or ``**kwargs``) is passed the proxy's :class:`~proxy.config.Config`.
+A hook that takes a ``config`` keyword (or ``**kwargs``) is passed the proxy's :class:`~proxy.config.Config`, and
+one that takes ``complete`` the sidecar's way to ask any LLM provider, :func:`proxy.providers.complete` (what the
+LLM judge that ships, ``optimizers.rewards:ruler``, asks its ``judge_model`` through).
 Sync hooks run in daemon threads (a hung one never holds up shutdown), async hooks on the event loop.
 
 *When.* The runner learns from the store writer what it has committed (:meth:`HookRunner.committed`): calls,
@@ -50,11 +52,14 @@ import duckdb
 import orjson
 from aiohttp import web
 
+from optimizers.ports import Judge
+from proxy import providers
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.feedback import FeedbackDesk
 from proxy.relay import Call
 from store.feedback import SessionEnd
+from store.items import content_text
 from store.spans import SPAN_COLUMNS, Span
 from store.writer import Writer
 
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 SPAN, SESSION, GROUP = "span", "session", "group"
 DEFAULT_NAME = "reward"
+OFFERED = frozenset({"config", "complete"})  # keywords a hook may take (see above)
 HOOK_WORKERS = 4  # jobs run at once
 MAX_JOBS = 10_000  # jobs waiting to run; past this, new jobs are dropped (logged)
 HOOK_TIMEOUT = 300.0  # seconds one attempt of a hook may take
@@ -83,19 +89,34 @@ class Hook:
     name: str  # module:function
     kind: str  # span | session | group
     fn: Callable[..., Any]
-    wants_config: bool
+    keywords: frozenset[str]  # the keywords offered to hooks (OFFERED) that this one takes
 
     @property
     def source(self) -> str:
         return "hook:" + self.name
 
     async def __call__(self, payload: Any, config: Config) -> Any:
-        kwargs = {"config": config} if self.wants_config else {}
+        offered = {"config": config, "complete": providers.complete}
+        kwargs = {name: value for name, value in offered.items() if name in self.keywords}
         if inspect.iscoroutinefunction(self.fn):
             result = await self.fn(payload, **kwargs)
         else:
             result = await _in_thread(self.fn, payload, **kwargs)
         return await result if inspect.isawaitable(result) else result
+
+
+def judges(names: tuple[str, ...], config: Config) -> tuple[Judge, ...]:
+    """The optimizer's judges of offline evaluations: these span hooks, each answer scored as ``"reward"`` (or the
+    hook's only named reward)."""
+    return tuple(_judge(load_hook(name, "eval"), config) for name in names)
+
+
+def _judge(hook: Hook, config: Config) -> Judge:
+    async def score(span: dict[str, Any]) -> float | None:
+        scored = rewards(await hook(span, config))
+        return scored.get(DEFAULT_NAME, next(iter(scored.values()))) if scored else None
+
+    return Judge(hook.name, score)
 
 
 def load_hook(name: str, kind: str) -> Hook:
@@ -110,7 +131,7 @@ def load_hook(name: str, kind: str) -> Hook:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{kind} hook {name!r}: {module_name} has no function {attr}")
-    return Hook(name, kind, fn, _accepts_config(fn))
+    return Hook(name, kind, fn, _keywords(fn))
 
 
 @dataclass(slots=True)
@@ -387,15 +408,6 @@ def task_of(request: Any) -> str | None:
     return prompt if isinstance(prompt, str) and prompt else None
 
 
-def content_text(content: Any) -> str:
-    """A message's text, its text parts joined when it has parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
 def rewards(result: Any) -> dict[str, float]:
     """A hook's result as named rewards: a number or bool is ``"reward"``, a dict names its own, None is none."""
     if result is None:
@@ -415,15 +427,15 @@ def _finite(value: numbers.Real) -> bool:
     return float("-inf") < float(value) < float("inf")
 
 
-def _accepts_config(fn: Callable[..., Any]) -> bool:
+def _keywords(fn: Callable[..., Any]) -> frozenset[str]:
+    """The offered keywords that ``fn`` takes: those it names, or all of them when it takes ``**kwargs``."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind is p.VAR_KEYWORD or (p.name == "config" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        for p in parameters
-    )
+        return frozenset()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return OFFERED
+    return OFFERED & {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

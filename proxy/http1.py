@@ -6,8 +6,9 @@ spent on a call; a bare exchange on one connection costs ~65 us. This client doe
 a body, read the status and headers, then the body whole or as it arrives. Connections are kept per origin (most
 recently used first, ``limit`` in use at once), opened within ``connect_timeout``, over TLS for ``https``; waiting
 for headers and chunks is timed by the caller. A connection that the backend closed while it sat idle is replaced
-without the caller seeing it, and one idle for longer than ``keepalive`` is not trusted again. Calls off the
-request path (model lists, probes, vLLM's admin API, group samples) use aiohttp.
+without the caller seeing it, and one idle for longer than ``keepalive`` is not trusted again. Every completion
+to an OpenAI-compatible backend goes through it, by way of :class:`proxy.upstream.Upstream`: the relay's, group
+samples', offline evaluations'. Other requests (model lists, health checks, vLLM's admin API) use aiohttp.
 """
 
 from __future__ import annotations

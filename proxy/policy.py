@@ -48,11 +48,16 @@ class Version:
 
 
 class Replica:
-    """One vLLM server; ``is_ready`` says whether it can take calls (a managed server may be restarting)."""
+    """One vLLM server; ``is_ready`` says whether it can take calls (a managed server may be restarting).
+
+    A replica whose weights are unknown (a reload failed and so did putting the served weights back) is ``stale``:
+    it takes no call until :meth:`proxy.publish.Publisher.restore` has loaded the served versions into it.
+    """
 
     def __init__(self, upstream: Upstream, is_ready: Callable[[], bool]) -> None:
         self.upstream = upstream
-        self.is_ready = is_ready
+        self._is_ready = is_ready
+        self.stale = False
         self.open = asyncio.Event()
         self.open.set()
         self.in_flight = 0
@@ -63,6 +68,9 @@ class Replica:
     def root_url(self) -> str:
         """The server's root (``/collective_rpc``, ``/health`` live there), without ``/v1``."""
         return self.upstream.base_url.removesuffix("/v1")
+
+    def is_ready(self) -> bool:
+        return self._is_ready() and not self.stale
 
     def usable(self) -> bool:
         return self.open.is_set() and self.is_ready()
@@ -137,7 +145,7 @@ class Policy:
                 self._pins.move_to_end(session_id)
                 return pinned
         version = self.active
-        if self.canary is not None and session_id is not None and _fraction(session_id) < self.canary_fraction:
+        if self.canary is not None and session_id is not None and session_fraction(session_id) < self.canary_fraction:
             version = self.canary
         if session_id is not None:
             self._pins[session_id] = version
@@ -187,6 +195,6 @@ class Policy:
         await event.wait()
 
 
-def _fraction(session_id: str) -> float:
+def session_fraction(session_id: str) -> float:
     """A stable number in [0, 1) for a session: the same session is always on the same side of a canary."""
     return int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=8).digest(), "big") / 2**64

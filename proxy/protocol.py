@@ -8,11 +8,14 @@ path (the store's writer thread builds span rows with :func:`extract`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import orjson
 
+from proxy import shapes
 from proxy.errors import InvalidRequest
 
 CHAT = "chat"
@@ -26,6 +29,25 @@ REQUIRED: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 def parse_request(operation: str, raw: bytes) -> dict[str, Any]:
     """The request body as a dict, or :class:`InvalidRequest` with a message an SDK user can act on."""
+    body = parse_object(raw)
+    name, kind = REQUIRED[operation]
+    if name not in body:
+        raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
+    if not isinstance(body[name], kind) or (operation == CHAT and not body[name]):
+        raise InvalidRequest(f"Invalid value for '{name}'.", param=name)
+    check_shape(body, shapes.CHAT_REQUEST if operation == CHAT else shapes.TEXT_REQUEST)
+    return body
+
+
+def check_shape(body: dict[str, Any], shape: shapes.Shape) -> None:
+    """:class:`InvalidRequest` naming the first field of ``body`` that does not fit ``shape``."""
+    _, misfit = shapes.clean(body, shape)
+    if misfit is not None:
+        raise InvalidRequest(f"Invalid request: {misfit}.", param=misfit.path)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A model call's body: a JSON object naming a ``model``, or :class:`InvalidRequest`."""
     if not raw.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:
@@ -37,11 +59,6 @@ def parse_request(operation: str, raw: bytes) -> dict[str, Any]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("you must provide a model parameter", param="model")
-    name, kind = REQUIRED[operation]
-    if name not in body:
-        raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
-    if not isinstance(body[name], kind) or (operation == CHAT and not body[name]):
-        raise InvalidRequest(f"Invalid value for '{name}'.", param=name)
     return body
 
 
@@ -173,7 +190,7 @@ def _merge_message(message: dict[str, Any], delta: dict[str, Any]) -> None:
             calls = message.setdefault("tool_calls", [])
             for part in value:
                 _merge_tool_call(calls, part)
-        elif isinstance(value, str) and key != "role":
+        elif isinstance(value, str) and key != "role" and isinstance(message.get(key), str | None):
             message[key] = (message.get(key) or "") + value
         else:
             message[key] = value
@@ -247,3 +264,56 @@ def hidden_copy(response: dict[str, Any], injected: Injected) -> dict[str, Any]:
     if not injected:
         return response
     return hide(copy.deepcopy(response), injected) or response
+
+
+# -- one API's wire format, as the relay uses it -----------------------------------------------------------
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How the relay reads one API: where it is posted, token capture, stream reassembly and span fields.
+    Chat and text completions are here; the Responses API is :data:`proxy.responses.WIRE`."""
+
+    path: str
+    ask_for_tokens: Callable[[Body], tuple[Body, Injected]]
+    hide: Callable[[Body, Injected], Body | None]
+    hidden_copy: Callable[[Body, Injected], Body]
+    reassemble: Callable[[list[Body]], Body | None]
+    extract: Callable[[Body], ResponseFields]
+    replies: Callable[[Body], list[Body]]
+    response_shape: shapes.Shape  # of a whole response; what does not fit is not recorded
+    chunk_shape: shapes.Shape  # of a stream's chunk or event
+    ends_stream: Callable[[Body], bool]  # an event after which nothing more comes (chat streams end in [DONE])
+    stream_error: Callable[[Body], Body | None]  # {"type", "message"} of an error reported mid-stream
+
+
+def _chat_replies(response: Body) -> list[Body]:
+    return [c["message"] for c in response.get("choices") or () if isinstance(c.get("message"), dict)]
+
+
+def _stream_error(chunk: Body) -> Body | None:
+    if "error" not in chunk:
+        return None
+    error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+    return {"type": error.get("type") or "upstream_error", "message": error.get("message")}
+
+
+def _wire(operation: str, path: str) -> Wire:
+    return Wire(
+        path=path,
+        ask_for_tokens=partial(ask_for_tokens, operation),
+        hide=hide,
+        hidden_copy=hidden_copy,
+        reassemble=partial(reassemble, operation),
+        extract=extract,
+        replies=_chat_replies if operation == CHAT else lambda _: [],
+        response_shape=shapes.RESPONSE,
+        chunk_shape=shapes.CHUNK,
+        ends_stream=lambda _: False,
+        stream_error=_stream_error,
+    )
+
+
+WIRES = {CHAT: _wire(CHAT, "/chat/completions"), TEXT_COMPLETION: _wire(TEXT_COMPLETION, "/completions")}

@@ -26,6 +26,7 @@ from proxy import protocol
 from proxy.config import Config
 from proxy.errors import ProviderError, UpstreamTimeout
 from proxy.relay import SPAN_HEADER, Call
+from proxy.responses import RESPONSES
 
 # The OpenAI request fields handed to litellm by name; anything else a client sends goes in the provider's body.
 OPENAI_FIELDS = frozenset(
@@ -65,6 +66,32 @@ OPENAI_FIELDS = frozenset(
         "suffix",
     }
 )
+# The Responses API's request fields that litellm.aresponses takes by name.
+RESPONSES_FIELDS = frozenset(
+    {
+        "input",
+        "include",
+        "instructions",
+        "max_output_tokens",
+        "prompt",
+        "metadata",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "reasoning",
+        "store",
+        "background",
+        "stream",
+        "temperature",
+        "text",
+        "tool_choice",
+        "tools",
+        "top_p",
+        "truncation",
+        "user",
+        "service_tier",
+        "safety_identifier",
+    }
+)
 _lock = threading.Lock()
 _litellm: ModuleType | None = None
 
@@ -87,11 +114,17 @@ async def forward(request: web.Request, call: Call, model: str, config: Config) 
     """Answer ``call`` with ``model`` through litellm; like :func:`proxy.relay.forward`, ``call`` records it."""
     litellm = _litellm if _litellm is not None else await asyncio.to_thread(_load)
     call.provider = "litellm"
-    params = {k: v for k, v in call.body.items() if k in OPENAI_FIELDS}
-    extra = {k: v for k, v in call.body.items() if k not in OPENAI_FIELDS and k != "model"}
+    named = RESPONSES_FIELDS if call.operation == RESPONSES else OPENAI_FIELDS
+    params = {k: v for k, v in call.body.items() if k in named}
+    if call.memory:
+        params["messages"] = call.memory.messages
+    extra = {k: v for k, v in call.body.items() if k not in named and k != "model"}
     if extra:  # to the provider's body as they are; never to litellm (api_base, api_key... stay the sidecar's)
         params["extra_body"] = extra
-    create = litellm.acompletion if call.operation == protocol.CHAT else litellm.atext_completion
+    create = {protocol.CHAT: litellm.acompletion, RESPONSES: litellm.aresponses}.get(
+        call.operation, litellm.atext_completion
+    )
+    call.sent = time.perf_counter()
     try:
         async with asyncio.timeout(config.first_byte_timeout):
             response = await create(model=model, **params)
@@ -102,6 +135,7 @@ async def forward(request: web.Request, call: Call, model: str, config: Config) 
     headers = {SPAN_HEADER: call.ids.span_id}
     call.status = 200
     if not call.body.get("stream"):
+        call.received = time.perf_counter()
         call.response_raw = orjson.dumps(response.model_dump(exclude_none=True))
         return web.Response(body=call.response_raw, headers=headers, content_type="application/json")
     out = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -112,8 +146,11 @@ async def forward(request: web.Request, call: Call, model: str, config: Config) 
             call.chunks.append(data)
             if call.first_chunk is None:
                 call.first_chunk = time.perf_counter()
-            await out.write(b"data: " + orjson.dumps(data) + b"\n\n")
-        await out.write(b"data: [DONE]\n\n")
+            event = b"event: " + str(data["type"]).encode() + b"\n" if call.operation == RESPONSES else b""
+            await out.write(event + b"data: " + orjson.dumps(data) + b"\n\n")
+        call.received = time.perf_counter()
+        if call.operation != RESPONSES:  # a Responses stream ends with its terminal event
+            await out.write(b"data: [DONE]\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as exc:  # the provider broke off mid-stream

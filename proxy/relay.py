@@ -8,27 +8,58 @@ token ids and logprobs, serializing JSON) runs in the store's writer thread, off
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
 from aiohttp import web
 
-from proxy import http1, protocol
+from proxy import http1, protocol, responses, shapes
 from proxy.config import Config
-from proxy.errors import HTTPError, UpstreamError, UpstreamTimeout
+from proxy.errors import HTTPError, InternalError, UpstreamError, UpstreamTimeout
 from proxy.protocol import NOTHING, Injected
 from proxy.telemetry import TraceIds
 from proxy.upstream import Upstream, response_headers
 from store.spans import Span
 
+if TYPE_CHECKING:
+    from proxy.memory import Injection
+
 log = logging.getLogger(__name__)
 
 SPAN_HEADER = "x-lightwire-span-id"
 CLIENT_GONE = 499  # nginx's code for "the client closed the request"
-PATHS = {protocol.CHAT: "/chat/completions", protocol.TEXT_COMPLETION: "/completions"}
+WIRES = {**protocol.WIRES, responses.RESPONSES: responses.WIRE}
+
+
+class Failing(Protocol):
+    """A call on its way to becoming a span: a model call or a passed-through one."""
+
+    ids: TraceIds
+    status: int | None
+
+    def fail(self, status: int | None, error_type: str, message: str) -> None: ...
+
+
+@contextlib.contextmanager
+def failures_recorded(call: Failing) -> Iterator[None]:
+    """Record on ``call`` how it failed, then let the failure go on to the client (or to the errors middleware)."""
+    try:
+        yield
+    except HTTPError as exc:
+        call.fail(exc.status, exc.code or exc.type, exc.message)
+        exc.headers[SPAN_HEADER] = call.ids.span_id
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        call.fail(CLIENT_GONE, "client_disconnected", "The client closed the connection.")
+        raise
+    except Exception as exc:  # a bug: still one span; the errors middleware answers 500
+        call.fail(call.status or InternalError.status, InternalError.code, f"Lightwire failed: {exc!r}")
+        raise
 
 
 class StreamBroken(HTTPError):
@@ -46,8 +77,18 @@ class Call:
 
     table: ClassVar[str] = "spans"
 
-    def __init__(self, operation: str, body: dict[str, Any], raw: bytes, ids: TraceIds, provider: str) -> None:
+    def __init__(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        raw: bytes,
+        ids: TraceIds,
+        provider: str,
+        *,
+        started: float | None = None,
+    ) -> None:
         self.operation = operation
+        self.wire = WIRES[operation]
         self.body = body
         self.raw = raw
         self.ids = ids
@@ -57,10 +98,16 @@ class Call:
         self.turn_index: int | None = None
         self.adapter_version: str | None = None
         self.injected: Injected = NOTHING
-        self.started = time.perf_counter()
+        self.memory: Injection | None = None  # worked examples sent upstream in front of the conversation
+        # Times as perf_counter() reads them; the edge starts a call when its body has arrived, before parsing it.
+        self.started = time.perf_counter() if started is None else started
         self.start_time = datetime.now(UTC)
         self.first_chunk: float | None = None
         self.ended: float | None = None
+        # The backend's own time: from handing it the request until its response's last byte (or the call's end,
+        # when that never came). The rest of the call's time is what Lightwire adds.
+        self.sent: float | None = None
+        self.received: float | None = None
         self.status: int | None = None
         self.error_type: str | None = None
         self.error_message: str | None = None
@@ -74,22 +121,26 @@ class Call:
             self.status, self.error_type, self.error_message = status, error_type, message
 
     def end(self) -> None:
-        """The call is over: note when, and read the whole response (a stream's chunks reassembled)."""
+        """The call is over: note when, and read the whole response (a stream's chunks reassembled).
+
+        Whatever the backend sent, and even if reading it fails, the call stays one span: a backend's answer of
+        the wrong shape is recorded as ``invalid_response``, a failure to read it as ``internal_error``.
+        """
         self.ended = time.perf_counter()
-        if self.chunks:
-            self.response = protocol.reassemble(self.operation, self.chunks)
-        elif self.response_raw:
-            try:
-                parsed = orjson.loads(self.response_raw)
-            except orjson.JSONDecodeError:
-                return
-            self.response = parsed if isinstance(parsed, dict) and "choices" in parsed else None
+        try:
+            if self.chunks:
+                self.response = self.wire.reassemble(self.chunks)
+            elif self.response_raw and self.status is not None and self.status < 400:
+                self.response, problem = read_body(self.response_raw, self.wire.response_shape)
+                if problem is not None:
+                    self.fail(self.status, "invalid_response", f"The upstream's response is malformed: {problem}.")
+        except Exception as exc:  # a bug here must cost the record its response, never the record itself
+            log.exception("could not read the response of span %s", self.ids.span_id)
+            self.fail(self.status, InternalError.code, f"Lightwire could not read the response: {exc!r}")
 
     def replies(self) -> list[dict[str, Any]]:
-        """The assistant messages of a chat response, one per choice."""
-        if self.response is None or self.operation != protocol.CHAT:
-            return []
-        return [c["message"] for c in self.response.get("choices") or () if isinstance(c.get("message"), dict)]
+        """The assistant messages of a chat or Responses call, one per choice."""
+        return self.wire.replies(self.response) if self.response is not None else []
 
     def to_row(self) -> tuple[object, ...]:
         self.span = self.to_span()
@@ -97,8 +148,8 @@ class Call:
 
     def to_span(self) -> Span:
         response = self.response
-        fields = protocol.extract(response) if response else protocol.ResponseFields()
-        stored = protocol.hidden_copy(response, self.injected) if response else None
+        fields = self.wire.extract(response) if response else protocol.ResponseFields()
+        stored = self.wire.hidden_copy(response, self.injected) if response else None
         body = self.body
         ended = self.ended if self.ended is not None else time.perf_counter()
         return Span(
@@ -112,7 +163,7 @@ class Call:
             response_model=fields.response_model,
             response_id=fields.response_id,
             request_stream=bool(body.get("stream")),
-            request_max_tokens=_number(body.get("max_completion_tokens", body.get("max_tokens")), int),
+            request_max_tokens=_number(_first(body, "max_completion_tokens", "max_tokens", "max_output_tokens"), int),
             request_temperature=_number(body.get("temperature"), float),
             request_top_p=_number(body.get("top_p"), float),
             response_finish_reasons=fields.finish_reasons,
@@ -126,13 +177,32 @@ class Call:
             start_time=self.start_time,
             duration_ms=(ended - self.started) * 1000,
             time_to_first_chunk_ms=(self.first_chunk - self.started) * 1000 if self.first_chunk else None,
+            upstream_duration_ms=((self.received or ended) - self.sent) * 1000 if self.sent is not None else None,
             http_status=self.status,
             error_type=self.error_type,
             error_message=self.error_message,
             turn_index=self.turn_index,
             session_source=self.session_source,
             adapter_version=self.adapter_version,
+            memory_version=self.memory.version if self.memory is not None else None,
+            memory_examples=list(self.memory.ids) if self.memory is not None else None,
         )
+
+
+def _first(body: dict[str, Any], *keys: str) -> Any:
+    return next((body[key] for key in keys if key in body), None)
+
+
+def read_body(raw: bytes, shape: shapes.Shape) -> tuple[dict[str, Any] | None, str | None]:
+    """A whole response as the span keeps it (its well-formed parts), and what is wrong with it, if anything."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, "it is not JSON"
+    if not isinstance(parsed, dict):
+        return None, "it is not a JSON object"
+    response, misfit = shapes.clean(parsed, shape)
+    return (None if response is shapes.MISSING else response), str(misfit) if misfit is not None else None
 
 
 def _number(value: Any, kind: type) -> Any:
@@ -149,16 +219,19 @@ async def forward(
     """
     payload = call.raw
     body = call.body if model is None else {**call.body, "model": model}
+    if call.memory:
+        body = {**body, "messages": call.memory.messages}
     if await upstream.capture_tokens():
-        body, call.injected = protocol.ask_for_tokens(call.operation, body)
+        body, call.injected = call.wire.ask_for_tokens(body)
     if body is not call.body:
         payload = orjson.dumps(body)
     call.provider = upstream.provider
-    headers = upstream.headers(request.headers, traceparent=call.ids.traceparent)
-    headers["Content-Type"] = "application/json"
+    call.sent = time.perf_counter()
     try:
         async with asyncio.timeout(config.first_byte_timeout):
-            resp = await upstream.post(PATHS[call.operation], headers, payload)
+            resp = await upstream.send(
+                call.wire.path, payload, incoming=request.headers, traceparent=call.ids.traceparent
+            )
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream sent no response within {config.first_byte_timeout:g} s.") from None
     except http1.HTTPClientError as exc:
@@ -177,6 +250,7 @@ async def _relay_body(request: web.Request, call: Call, resp: http1.Response, co
     try:
         async with asyncio.timeout(config.chunk_timeout):
             content = await resp.read()
+        call.received = time.perf_counter()
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream stalled for {config.chunk_timeout:g} s sending its body.") from None
     except http1.HTTPClientError as exc:
@@ -185,13 +259,10 @@ async def _relay_body(request: web.Request, call: Call, resp: http1.Response, co
     call.response_raw = content
     if resp.status >= 400:
         call.fail(resp.status, str(resp.status), content[:2000].decode("utf-8", "replace"))
-    elif call.injected and resp.content_type == "application/json":
-        try:
-            response = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            call.fail(resp.status, "invalid_response", "the upstream's body is not JSON")
-        else:
-            content = orjson.dumps(protocol.hide(response, call.injected))
+    elif call.injected:  # remove what the proxy asked for; a malformed answer goes on as it came
+        response, problem = read_body(content, call.wire.response_shape)
+        if response is not None and problem is None:
+            content = orjson.dumps(call.wire.hide(response, call.injected))
     headers = response_headers(resp.headers)
     headers[SPAN_HEADER] = call.ids.span_id
     out = web.Response(body=content, status=resp.status, headers=headers)
@@ -229,6 +300,7 @@ async def _pump(call: Call, resp: http1.Response, out: web.StreamResponse, confi
             except http1.HTTPClientError as exc:
                 raise StreamBroken(f"The upstream broke off the stream: {exc}.", "truncated_stream") from None
             if not data:
+                call.received = time.perf_counter()
                 break
             outgoing, done, broken = _pass_events(call, events.feed(data))
             if outgoing:
@@ -265,18 +337,23 @@ def _pass_events(call: Call, events: list[bytes]) -> tuple[bytes, bool, StreamBr
         except ValueError:
             broken = StreamBroken("The upstream sent a stream event that is not a JSON object.", "invalid_stream")
             return b"".join(parts), done, broken
-        if "error" in chunk:
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            call.fail(call.status, str(error.get("type") or "upstream_error"), str(error.get("message")))
-            parts.append(event)
-            continue
+        error = call.wire.stream_error(chunk)
+        if error is not None:
+            call.fail(call.status, str(error["type"]), str(error["message"]))
+            if "error" in chunk:  # a chat error chunk is no part of the response
+                parts.append(event)
+                continue
+        chunk, misfit = shapes.clean(chunk, call.wire.chunk_shape)
         call.chunks.append(chunk)
-        if not call.injected:
+        if misfit is not None:  # relayed as it came; only its well-formed parts are recorded
+            call.fail(call.status, "malformed_chunk", f"The upstream sent a malformed stream chunk: {misfit}.")
+        done = done or call.wire.ends_stream(chunk)
+        if not call.injected or misfit is not None:
             parts.append(event)
             continue
-        visible = protocol.hide(orjson.loads(data), call.injected)
-        if visible is not None:
-            parts.append(b"data: " + orjson.dumps(visible) + b"\n\n")
+        visible = call.wire.hide(orjson.loads(data), call.injected)
+        if visible is not None:  # keeps the event's other lines (a Responses stream names each event's type)
+            parts.append(event[: event.index(b"data:")] + b"data: " + orjson.dumps(visible) + b"\n\n")
     return b"".join(parts), done, None
 
 

@@ -5,7 +5,9 @@ The session comes from the first of:
 1. the ``x-lightwire-session`` header (sent by the agent or injected by the service's own HTTP layer);
 2. a path prefix, ``OPENAI_BASE_URL=http://sidecar:8400/s/<session>/v1``;
 3. the W3C ``traceparent`` header: its trace id, for agents already instrumented with OpenTelemetry;
-4. automatic linking: a chat call whose messages begin with an earlier call's messages followed by that call's
+4. for a Responses call, the session of the response its ``previous_response_id`` names, else its
+   ``conversation`` id (found by the caller: ``continued``);
+5. automatic linking: a chat call whose messages begin with an earlier call's messages followed by that call's
    assistant reply (anything, e.g. tool results, may follow) continues that call's session. Otherwise the call
    starts a new session.
 
@@ -16,6 +18,11 @@ greedy answer in two conversations) register the same key twice; each continuati
 session, and once all are claimed (a retry, or a branch) the call joins the most recent one.
 
 The turn index is the call's order in its session, from 0.
+
+Memory: each of the three tables (sessions in flight or recently active, conversation prefixes, recent calls by
+span and response id) holds at most ``session_index_size`` entries, dropping the least recently used: about
+1 KB a call in all (``bench/soak.py`` measures RSS). A conversation continued after more calls than that went by
+starts a new session; feedback for a call no longer remembered is looked up in the store.
 
 Every entry these tables hold is a plain tuple of strings and numbers. CPython's cycle collector stops tracking
 such tuples (not those of a tuple subclass), so full collections do not walk the index: with a tracked object per
@@ -36,8 +43,6 @@ from proxy.telemetry import random_hex
 
 SESSION_HEADER = "x-lightwire-session"
 MAX_SESSION_ID = 256
-# Conversation prefixes remembered for linking, and sessions remembered for turn counting.
-INDEX_CAPACITY = 200_000
 # Sessions remembered per identical conversation prefix (identical histories in several conversations).
 MAX_CLAIMS = 16
 
@@ -51,22 +56,33 @@ Claims = tuple[tuple[str, bool], ...]
 class Sessions:
     """In-memory session bookkeeping of one proxy process (the store keeps the record)."""
 
-    def __init__(self, capacity: int = INDEX_CAPACITY) -> None:
+    def __init__(self, capacity: int) -> None:
+        """Remember at most ``capacity`` sessions, conversation prefixes and calls (``session_index_size``)."""
         self.capacity = capacity
         self.active: OrderedDict[str, SessionState] = OrderedDict()
         self._replies: OrderedDict[bytes, Claims] = OrderedDict()  # conversation-prefix hash -> its claims
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._evicted: list[str] = []  # sessions pushed out of ``active`` by newer ones, not yet ended
 
     def attribute(
-        self, *, header: str | None, path: str | None, trace_id: str | None, messages: list[Any] | None
+        self,
+        *,
+        header: str | None,
+        path: str | None,
+        trace_id: str | None,
+        messages: list[Any] | None,
+        continued: tuple[str, str] | None = None,
     ) -> tuple[str, str, bytes | None]:
-        """The call's session id, where it came from (header, path, traceparent, linked or new), and for
-        linked and new chat calls the hash of their messages, for :meth:`finish` to remember the reply by."""
+        """The call's session id, where it came from (header, path, traceparent, the source of ``continued``,
+        linked or new), and for linked and new calls the hash of their messages, for :meth:`finish` to remember
+        the reply by."""
         for source, value in (("header", header), ("path", path)):
             if value:
                 return value[:MAX_SESSION_ID], source, None
         if trace_id:
             return trace_id, "traceparent", None
+        if continued is not None:
+            return continued[0][:MAX_SESSION_ID], continued[1], None
         if not messages:
             return _new_session(), "new", None
         hashes = _prefix_hashes(messages)
@@ -80,7 +96,8 @@ class Sessions:
         self.active[session_id] = (turn + 1, in_flight + 1, time.monotonic())
         self.active.move_to_end(session_id)
         if state is None:
-            self._trim(self.active)
+            while len(self.active) > self.capacity:
+                self._evicted.append(self.active.popitem(last=False)[0])
         return turn
 
     def is_known(self, session_id: str) -> bool:
@@ -110,14 +127,15 @@ class Sessions:
         self._calls[span_id] = (span_id, session_id)
         if response_id:
             self._calls[response_id] = (span_id, session_id)
-        self._trim(self._calls)
+        self._trim(self._calls, 2)  # a call is found by two keys
 
     def find_call(self, key: str) -> tuple[str, str] | None:
         """``(span_id, session_id)`` of a recent call, by span id or response id."""
         return self._calls.get(key)
 
     def idle(self, timeout: float) -> list[str]:
-        """Sessions with nothing in flight and no call for ``timeout`` seconds; they are forgotten.
+        """Sessions with nothing in flight and no call for ``timeout`` seconds, and those the index had no room
+        for (the least recently active, so that every session is ended once); they are forgotten.
 
         ``active`` is kept in order of last activity, so only the sessions that went idle are looked at (and
         those with a call running since before the cutoff).
@@ -131,10 +149,18 @@ class Sessions:
                 gone.append(session_id)
         for session_id in gone:
             del self.active[session_id]
+        gone += self._evicted
+        self._evicted = []
         return gone
 
     def end(self, session_id: str) -> None:
         self.active.pop(session_id, None)
+
+    def end_all(self) -> list[str]:
+        """Forget every open session (the process is stopping); return their ids."""
+        ended = list(self.active)
+        self.active.clear()
+        return ended
 
     def _link(self, messages: list[Any], hashes: list[bytes]) -> str | None:
         for i in range(len(messages) - 1, -1, -1):
@@ -150,8 +176,8 @@ class Sessions:
                     return session_id
         return None
 
-    def _trim(self, table: OrderedDict[Any, Any]) -> None:
-        while len(table) > self.capacity:
+    def _trim(self, table: OrderedDict[Any, Any], keys_per_entry: int = 1) -> None:
+        while len(table) > self.capacity * keys_per_entry:
             table.popitem(last=False)
 
 

@@ -12,7 +12,8 @@ the proxy can answer 503. Use it from an aiohttp ``cleanup_ctx``::
             yield
 
 The child runs in its own process group, so that :meth:`VllmServer.stop` also ends vLLM's engine-core and
-worker processes. vLLM is only ever talked to over HTTP.
+worker processes, and a :class:`~proxy.child_guard.ChildGuard` ends that group if Lightwire dies without
+stopping it (SIGKILL, a crash). vLLM is only ever talked to over HTTP.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.child_guard import ChildGuard
 from proxy.errors import LightwireError
 
 logger = logging.getLogger(__name__)
@@ -154,6 +156,7 @@ class VllmServer:
         self.on_start = on_start
         self._process: asyncio.subprocess.Process | None = None
         self._exit: asyncio.Task[int] | None = None  # completes with the child's exit code
+        self._guard: ChildGuard | None = None  # ends the child's group if this process dies first
         self._port: int | None = None
         self._ready = False
         self._ready_event = asyncio.Event()
@@ -219,6 +222,7 @@ class VllmServer:
             self.options.log_path,
         )
         try:
+            self._guard = await ChildGuard.start(self._process.pid)
             await self._wait_healthy()
             if self.on_start is not None:
                 try:
@@ -390,6 +394,9 @@ class VllmServer:
         # The API server may be gone while its engine or workers linger in the group.
         _signal_group(process.pid, signal.SIGKILL)
         await process.wait()
+        if self._guard is not None:
+            await self._guard.stand_down()
+            self._guard = None
         if self._process is process:
             self._process = None
             self._exit = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import duckdb
 import pytest
 from aiohttp import web
@@ -19,6 +21,8 @@ from tests.fake_upstream import FakeUpstream
 # the whole run) are made once, not once per module that uses them.
 pytest_plugins = ["tests.vllm_fixtures", "tests.training_fixtures"]
 
+READY_TIMEOUT_S = 30.0
+
 
 class Proxy:
     """A Lightwire app served on a loopback port, in the test's event loop."""
@@ -28,7 +32,9 @@ class Proxy:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> Proxy:
+    async def start(self, *, wait_ready: bool = True) -> Proxy:
+        """Serve the app; with ``wait_ready``, return once ``/readyz`` says calls can be served (a ``--vllm``
+        policy attaches in the background, within milliseconds when its server answers)."""
         self.runner = web.AppRunner(
             create_app(self.config),
             handler_cancellation=True,
@@ -40,7 +46,17 @@ class Proxy:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}/v1"
+        if wait_ready:
+            await self.wait_ready()
         return self
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+            while True:
+                async with http.get(self.url.removesuffix("/v1") + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+                await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -84,12 +100,14 @@ async def start_proxy(tmp_path: Path):
     """Start proxies with any settings; each is stopped at the end of the test."""
     started: list[Proxy] = []
 
-    async def start(upstream: str, **overrides: Any) -> Proxy:
+    async def start(upstream: str, *, wait_ready: bool = True, **overrides: Any) -> Proxy:
         overrides.setdefault("db", tmp_path / f"spans{len(started)}.duckdb")
+        overrides.setdefault("adapters_dir", tmp_path / "adapters")  # not the working directory: memory banks go here
+        overrides.setdefault("runs_dir", tmp_path / "runs")
         config = settings.load(environ={}, upstream=upstream, **overrides)
-        proxy = await Proxy(config).start()
+        proxy = Proxy(config)
         started.append(proxy)
-        return proxy
+        return await proxy.start(wait_ready=wait_ready)
 
     yield start
     for proxy in started:
@@ -104,3 +122,14 @@ async def proxy(fake: FakeUpstream, start_proxy) -> Proxy:
 @pytest.fixture
 async def vllm_proxy(vllm_fake: FakeUpstream, start_proxy) -> Proxy:
     return await start_proxy(vllm_fake.url)
+
+
+@pytest.fixture
+def agent_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a new agent process starts with. The openai-agents SDK keeps one HTTP client per process, whose pooled
+    connections belong to the event loop of the test that made them: each test gets its own, as a process would."""
+    from agents.models import openai_provider
+
+    monkeypatch.setattr(openai_provider, "_http_client", None)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-agent")
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")

@@ -1,6 +1,6 @@
-"""The README's main command: ``lightwire serve`` with no backend given runs the embedded model on its own vLLM,
-answers 503 while it loads, serves, takes adapters through ``lightwire adapters``, and stops everything on
-SIGTERM."""
+"""The README's main command as a newcomer runs it: ``lightwire serve`` with no backend given and an empty model
+cache converts the embedded model, runs it on its own vLLM, answers 503 (with the stage it is in) until a call can
+be served, serves, takes adapters through ``lightwire adapters``, and stops everything on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import aiohttp
 import openai
 import pytest
 
+from optimizers.embedded import DEFAULT_MODEL_NAME
 from tests.conftest import read_rows
 from tests.test_serve_process import free_port
-from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S, cache_dir
+from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(VLLM_SETUP_TIMEOUT_S + 300)]
 
@@ -30,16 +31,39 @@ def lightwire(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
-async def test_serve_with_no_backend_runs_the_embedded_model(
+async def watch_start_up(http: aiohttp.ClientSession, root: str) -> list[str]:
+    """Poll ``/readyz`` and ``/healthz`` (no key) until ready; return the stages seen, in order. Every answer
+    before that must be a 503 with ``Retry-After`` that names the stage."""
+    stages: list[str] = []
+    async with asyncio.timeout(VLLM_SETUP_TIMEOUT_S):
+        while True:
+            async with http.get(root + "/healthz") as resp:
+                assert resp.status == 200
+                stage = (await resp.json())["policy"]["state"]
+            async with http.get(root + "/readyz") as resp:
+                if resp.status == 200:
+                    return stages
+                assert resp.status == 503 and resp.headers["Retry-After"]
+                message = (await resp.json())["error"]["message"]
+            if not stages or stages[-1] != stage:
+                stages.append(stage)
+            assert stage in message or stage == "ready"  # "ready" only in the instant vLLM became ready
+            await asyncio.sleep(0.2)
+
+
+async def test_serve_from_an_empty_model_cache_runs_the_embedded_model(
     tmp_path: Path, embedded_model_dir: Path, random_adapter: Path
 ) -> None:
     port = free_port()
+    empty_cache = tmp_path / "cache"
     env = {
         **os.environ,
         "LIGHTWIRE_PORT": str(port),
         "LIGHTWIRE_DB": str(tmp_path / "lw.duckdb"),
-        "LIGHTWIRE_CACHE_DIR": str(cache_dir()),
+        "LIGHTWIRE_CACHE_DIR": str(empty_cache),  # the first-run path: the model is converted in this test
         "LIGHTWIRE_ADAPTERS_DIR": str(tmp_path / "adapters"),
+        "LIGHTWIRE_API_KEYS": "k",
+        "LIGHTWIRE_ADMIN_KEY": "k",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -64,13 +88,12 @@ async def test_serve_with_no_backend_runs_the_embedded_model(
             assert resp.status == 503 and resp.headers["Retry-After"]
             with pytest.raises(openai.APIStatusError) as early:
                 await client.chat.completions.create(model="any-name", messages=QUESTION)
-            assert early.value.status_code == 503
-            async with asyncio.timeout(VLLM_SETUP_TIMEOUT_S):
-                while True:
-                    async with http.get(root + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                    await asyncio.sleep(1)
+            assert early.value.status_code == 503 and early.value.response.headers["Retry-After"]
+            assert "preparing the model" in early.value.message  # never a 404 about routing
+            stages = await watch_start_up(http, root)
+        assert stages[0] == "preparing the model" and "starting vLLM" in stages
+        assert "ready" not in stages[:-1]
+        assert (empty_cache / "models" / DEFAULT_MODEL_NAME / "config.json").is_file()
 
         async def ask() -> str:
             done = await client.chat.completions.create(
@@ -78,7 +101,7 @@ async def test_serve_with_no_backend_runs_the_embedded_model(
             )
             return done.choices[0].message.content or ""
 
-        base = await ask()
+        base = await ask()  # the first call after /readyz said 200: it must be answered
         assert "Paris" in base
         registered = await asyncio.to_thread(lightwire, "adapters", "register", str(random_adapter), env=env)
         assert '"version": "v1"' in registered

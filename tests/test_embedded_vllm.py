@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.embedded import DEFAULT_MODEL_NAME
+from optimizers.embedded import DEFAULT_MODEL_NAME
 from proxy.vllm_server import VllmServer
 from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 

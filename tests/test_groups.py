@@ -89,6 +89,15 @@ async def test_samples_complete_the_group_unseen_and_are_scored_and_exported_wit
     assert all(r["prompt_token_ids"] == PROMPT_IDS for r in group)
 
 
+async def test_a_sample_goes_over_the_connection_its_call_left_open(vllm_fake: FakeUpstream, start_proxy: Any) -> None:
+    """Samples are sent by the request path's own client: its kept-alive connections, its keys."""
+    proxy = await start_proxy("", vllm=(vllm_fake.url,), optimize=False, group_samples=2)
+    await client(proxy, "reused").chat.completions.create(model="agent", messages=QUESTION, temperature=1.0)
+    await until(lambda: asyncio.sleep(0, len(vllm_fake.requests) == 2))
+    call, sample = [port for path, port in vllm_fake.connections if path == "/v1/chat/completions"]
+    assert sample == call
+
+
 async def test_samples_never_hold_up_the_client_and_stop_with_the_proxy(
     vllm_fake: FakeUpstream, start_proxy: Any
 ) -> None:

@@ -322,7 +322,7 @@ async def test_jobs_past_the_queue_bound_are_dropped_and_logged(
     writer = Writer(tmp_path / "db.duckdb", kinds=[Span, Feedback, SessionEnd])
     writer.open()
     try:
-        async with runner.run(writer, FeedbackDesk(writer, Sessions())):
+        async with runner.run(writer, FeedbackDesk(writer, Sessions(capacity=1_000))):
             for i in range(10):
                 runner.session_ended(f"s{i}")  # never waits
             assert runner.dropped == 8

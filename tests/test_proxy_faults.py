@@ -29,6 +29,20 @@ def error_of(body: bytes) -> dict:
     return error
 
 
+async def next_call_works(proxy: Proxy, **headers: str) -> None:
+    """A normal call after a fault is answered (bounded, so that a proxy that hangs fails the test)."""
+    async with asyncio.timeout(10):
+        status, _, content = await post(proxy, CHAT, **headers)
+    assert status == 200 and orjson.loads(content)["choices"][0]["message"]["content"] == "Hello from the fake upstream"
+
+
+async def the_fault_span(proxy: Proxy) -> dict:
+    """The fault's span, after checking that it and the normal call after it are the only two."""
+    fault, normal = await proxy.spans()
+    assert normal["http_status"] == 200 and normal["error_type"] is None
+    return fault
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -53,6 +67,54 @@ async def test_bad_requests_get_400_and_never_reach_the_upstream(
     assert await proxy.spans() == []
 
 
+USER = {"role": "user", "content": "hi"}
+WRONG_SHAPES = [
+    ("/chat/completions", {"stream": True, "stream_options": 5}, "stream_options"),
+    ("/chat/completions", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ("/chat/completions", {"messages": [1]}, "messages[0]"),
+    ("/chat/completions", {"messages": [{"role": 5, "content": "hi"}]}, "messages[0].role"),
+    ("/chat/completions", {"messages": [{"content": "hi"}]}, "messages[0].role"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
+    ("/chat/completions", {"messages": [USER, {"role": "assistant", "tool_calls": 5}]}, "messages[1].tool_calls"),
+    (
+        "/chat/completions",
+        {"messages": [USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": "f"}]}]},
+        "messages[1].tool_calls[0].function",
+    ),
+    ("/chat/completions", {"n": "x"}, "n"),
+    ("/chat/completions", {"n": 0}, "n"),
+    ("/chat/completions", {"tools": {}}, "tools"),
+    ("/chat/completions", {"tools": [5]}, "tools[0]"),
+    ("/chat/completions", {"stream": "yes"}, "stream"),
+    ("/chat/completions", {"max_tokens": "10"}, "max_tokens"),
+    ("/chat/completions", {"temperature": "hot"}, "temperature"),
+    ("/chat/completions", {"stop": 5}, "stop"),
+    ("/chat/completions", {"logprobs": 5}, "logprobs"),
+    ("/completions", {"prompt": [{}]}, "prompt[0]"),
+    ("/completions", {"prompt": "hi", "logprobs": "x"}, "logprobs"),
+    ("/completions", {"prompt": "hi", "stream": True, "stream_options": []}, "stream_options"),
+]
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["openai", "vllm"])
+@pytest.mark.parametrize(("path", "fields", "param"), WRONG_SHAPES, ids=[p for _, _, p in WRONG_SHAPES])
+async def test_wrong_shapes_get_400_and_never_reach_the_upstream(
+    start_proxy, fake: FakeUpstream, vllm_fake: FakeUpstream, path: str, fields: dict, param: str, capture: bool
+) -> None:
+    """Issue 12, case 10: values of the right JSON type but the wrong shape were a text/plain 500."""
+    upstream = vllm_fake if capture else fake
+    proxy = await start_proxy(upstream.url)
+    status, headers, content = await post(proxy, {**CHAT, **fields}, path)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    error = error_of(content)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert upstream.requests == []
+    await next_call_works(proxy)
+    [span] = await proxy.spans()
+    assert span["error_type"] is None
+
+
 async def test_completions_need_a_prompt(proxy: Proxy, fake: FakeUpstream) -> None:
     status, _, content = await post(proxy, {"model": "m"}, "/completions")
     assert status == 400 and error_of(content)["param"] == "prompt" and fake.requests == []
@@ -64,13 +126,17 @@ async def test_oversized_body_gets_413(fake: FakeUpstream, start_proxy) -> None:
     status, _, content = await post(proxy, big)
     assert status == 413 and error_of(content)["code"] == "request_too_large"
     assert fake.requests == []
+    await next_call_works(proxy)
+    [span] = await proxy.spans()  # the normal call's: a refused request leaves none
+    assert span["error_type"] is None
 
 
 async def test_unknown_path_and_method_answer_in_openai_shape(proxy: Proxy) -> None:
+    root = proxy.url.removesuffix("/v1")
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/nothing-here") as resp:
+        async with http.get(root + "/nothing-here") as resp:  # paths under /v1/ go to the backend (test_passthrough)
             assert resp.status == 404 and error_of(await resp.read())["code"] == "not_found"
-        async with http.get(proxy.url + "/chat/completions") as resp:
+        async with http.get(root + "/feedback") as resp:
             assert resp.status == 405 or resp.status == 400
             error_of(await resp.read())
 
@@ -95,7 +161,8 @@ async def test_upstream_timeout_before_headers_gives_504_and_closes_the_upstream
     assert status == 504 and error_of(content)["code"] == "upstream_timeout"
     await asyncio.sleep(0.1)
     assert fake.disconnects == 1
-    [span] = await proxy.spans()
+    await next_call_works(proxy)
+    span = await the_fault_span(proxy)
     assert span["http_status"] == 504 and span["error_type"] == "upstream_timeout"
 
 
@@ -122,7 +189,8 @@ async def test_client_gone_before_the_first_token_cancels_the_upstream_call(prox
             break
         await asyncio.sleep(0.02)
     assert fake.disconnects == 1  # the upstream saw its request closed at once, not after 10 s
-    [span] = await proxy.spans()
+    await next_call_works(proxy)
+    span = await the_fault_span(proxy)
     assert span["http_status"] == 499 and span["error_type"] == "client_disconnected"
     assert span["duration_ms"] < 2000
 
@@ -145,7 +213,8 @@ async def test_client_gone_mid_stream_cancels_the_upstream_and_keeps_the_partial
             break
         await asyncio.sleep(0.02)
     assert fake.disconnects == 1
-    [span] = await proxy.spans()
+    await next_call_works(proxy)
+    span = await the_fault_span(proxy)
     assert span["http_status"] == 499 and span["error_type"] == "client_disconnected"
     content = span["response"]["choices"][0]["message"]["content"]
     assert content.startswith("Hello from the") and span["response_finish_reasons"] is None
@@ -171,7 +240,8 @@ async def test_broken_streams_end_with_an_error_event_and_are_recorded(
     last = orjson.loads(events[-1].removeprefix(b"data: "))
     assert last["error"]["code"] == error_type
     assert b"data: [DONE]" not in content
-    [span] = await proxy.spans()
+    await next_call_works(proxy)
+    span = await the_fault_span(proxy)
     assert span["error_type"] == error_type and span["http_status"] == 200
     assert span["response"]["choices"][0]["message"]["content"] == "Hello from"
 

@@ -33,9 +33,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 async def policy_proxy(
     server: VllmServer, model_dir: Path, tmp_path: Path, mode: str, **overrides: Any
 ) -> AsyncIterator[Proxy]:
+    overrides.setdefault("vllm", (server.base_url + "/v1",))
     config = settings.load(
         environ={},
-        vllm=(server.base_url + "/v1",),
         model_dir=model_dir,
         swap_mode=mode,
         adapters_dir=tmp_path / "adapters",

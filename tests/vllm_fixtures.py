@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from proxy.embedded import DEFAULT_MODEL_NAME, prepare_default_model
-from proxy.vllm_server import VllmOptions, VllmServer
+from optimizers.embedded import DEFAULT_MODEL_NAME, prepare_default_model
+from proxy.vllm_server import VllmOptions, VllmServer, free_loopback_port
 
 #: Generous enough for a first run on a busy two-core machine: model conversion plus vLLM start.
 VLLM_SETUP_TIMEOUT_S = 600
@@ -36,11 +36,15 @@ def embedded_model_dir() -> Path:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def vllm_server(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VllmServer]:
-    """A supervised vLLM server on the embedded model, served as ``DEFAULT_MODEL_NAME``, ready when yielded."""
+    """A supervised vLLM server on the embedded model, served as ``DEFAULT_MODEL_NAME``, ready when yielded.
+
+    Its port is kept across restarts, so that a sidecar attached to it with ``--vllm`` sees the same server come back.
+    """
     options = VllmOptions(
         model_dir=embedded_model_dir,
         served_model_name=DEFAULT_MODEL_NAME,
         log_path=tmp_path_factory.mktemp("vllm") / "vllm.log",
+        port=free_loopback_port(),
     )
     async with VllmServer(options).running(wait_ready=True) as server:
         yield server
@@ -58,6 +62,18 @@ def make_adapter(model_dir: Path, out: Path, *, rank: int = 8, seed: int = 0) ->
         r=rank, lora_alpha=4 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
     )
     get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def overflowing_adapter(adapter: Path, out: Path) -> Path:
+    """A copy of ``adapter`` whose weights are finite but so large that merged into the base they overflow bf16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    save_file({name: tensor.sign() * 1e30 for name, tensor in load_file(weights).items()}, weights)
     return out
 
 

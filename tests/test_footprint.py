@@ -1,0 +1,84 @@
+"""A sidecar's footprint: memory bounded by settings, and the event loop's stalls visible on /healthz."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+
+from proxy.sessions import Sessions
+from store.feedback import Feedback, SessionEnd
+from store.spans import Span
+from store.writer import Writer
+from tests.conftest import Proxy
+from tests.fake_upstream import FakeUpstream
+
+
+async def healthz(proxy: Proxy) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(proxy.url.removesuffix("/v1") + "/healthz") as resp:
+        return await resp.json()
+
+
+async def test_the_store_opens_duckdb_within_its_memory_limit_and_threads(tmp_path: Path) -> None:
+    """DuckDB's defaults (80% of the machine's RAM, a thread per core) are not a sidecar's."""
+    writer = Writer(tmp_path / "db.duckdb", kinds=[Span, Feedback, SessionEnd], memory_limit_mb=100, threads=1)
+    writer.open()
+    try:
+        with writer.cursor() as con:
+            row = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+    finally:
+        await writer.close()
+    assert row is not None
+    assert row[0] == "100.0 MiB" and int(row[1]) == 1
+
+
+async def test_healthz_shows_a_stall_of_the_event_loop_and_the_collection_inside_it(proxy: Proxy) -> None:
+    """The proxy runs in this test's event loop: blocking it here is a stall every call in flight would wait out."""
+    before = await healthz(proxy)
+    collections = before["loop"]["gc"]["collections"][2]
+    time.sleep(0.06)
+    gc.collect()
+    after = (await healthz(proxy))["loop"]
+    assert any(stall["ms"] >= 50 and stall["gc_ms"] > 0 for stall in after["longest"])
+    assert after["stalls"][">=50ms"] + after["stalls"][">=100ms"] >= 1
+    assert after["gc"]["collections"][2] == collections + 1
+
+
+async def test_a_conversation_older_than_the_session_index_starts_a_new_session(
+    fake: FakeUpstream, start_proxy
+) -> None:
+    """``session_index_size`` bounds what linking remembers: the most recent conversations link, older ones not."""
+    proxy = await start_proxy(fake.url, session_index_size=3)
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    openings = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    replies = [(await client.chat.completions.create(model="m", messages=m)).choices[0].message for m in openings]
+    for i in (0, 4):
+        follow = [*openings[i], replies[i].model_dump(exclude_none=True), {"role": "user", "content": "and?"}]
+        await client.chat.completions.create(model="m", messages=follow)
+    rows = await proxy.spans()
+    assert [r["session_source"] for r in rows[5:]] == ["new", "linked"]
+    assert rows[6]["session_id"] == rows[4]["session_id"]
+
+
+def test_the_index_finds_as_many_recent_calls_by_response_id_as_by_span_id() -> None:
+    """A call is remembered under two keys; the bound counts calls, so that feedback by either id finds them."""
+    sessions = Sessions(capacity=10)
+    for i in range(25):
+        sessions.remember_call(f"span{i}", None, f"s{i}")
+        sessions.remember_call(f"span{i}", f"chatcmpl-{i}", f"s{i}")
+    assert all(sessions.find_call(f"chatcmpl-{i}") == (f"span{i}", f"s{i}") for i in range(15, 25))
+    assert all(sessions.find_call(f"span{i}") == (f"span{i}", f"s{i}") for i in range(15, 25))
+    assert sessions.find_call("span14") is None and sessions.find_call("chatcmpl-0") is None
+
+
+def test_a_session_the_index_has_no_room_for_is_still_ended_once() -> None:
+    """The sweeper ends what ``idle`` returns: a session pushed out of a full index must be among them."""
+    sessions = Sessions(capacity=2)
+    for name in ("a", "b", "c"):
+        sessions.begin(name)
+        sessions.finish(name, None, [])
+    assert sessions.idle(timeout=3600) == ["a"]
+    assert sessions.idle(timeout=3600) == [] and not sessions.is_known("a") and sessions.is_known("c")
