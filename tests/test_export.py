@@ -158,9 +158,34 @@ async def test_parquet_of_chat_calls_has_message_columns_trl_can_read(vllm_proxy
     assert kinds == {
         "prompt": 'STRUCT("role" VARCHAR, "content" VARCHAR)[]',
         "completion": 'STRUCT("role" VARCHAR, "content" VARCHAR)[]',
-        "rewards": "MAP(VARCHAR, DOUBLE)",
+        "rewards": "JSON",
     }
     assert records[0]["prompt"] == [SYSTEM, {"role": "user", "content": "hi"}]
+
+
+async def test_chat_exports_load_with_hugging_face_datasets_as_trl_reads_them(
+    vllm_proxy: Proxy, tmp_path: Path
+) -> None:
+    import datasets  # TRL's and verl's reader; it comes with trl (the test extra)
+
+    client = openai.AsyncOpenAI(base_url=vllm_proxy.url, api_key="k", max_retries=0)
+    done = await client.chat.completions.create(model="m", messages=[SYSTEM, {"role": "user", "content": "hi"}])
+    await post_feedback(vllm_proxy.url, {"response_id": done.id, "reward": 1})
+    await vllm_proxy.stop()
+    for kind in ("jsonl", "parquet"):
+        path = tmp_path / f"d.{kind}"
+        write(vllm_proxy.config.db, path, format=kind)
+        loaded = datasets.load_dataset(
+            "json" if kind == "jsonl" else "parquet",
+            data_files=str(path),
+            split="train",
+            cache_dir=str(tmp_path / "hf"),
+        )
+        assert loaded.num_rows == 1
+        row = loaded[0]
+        assert row["prompt"] == [SYSTEM, {"role": "user", "content": "hi"}]
+        assert row["completion"][0]["role"] == "assistant" and row["reward"] == 1.0
+        assert row["data_source"] == "lightwire" and row["prompt_token_ids"] == PROMPT_IDS
 
 
 async def test_since_and_min_reward_filter_records(recorded: tuple[Path, Recorded], tmp_path: Path) -> None:
