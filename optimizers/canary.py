@@ -22,9 +22,12 @@ The rule, checked every few seconds until ``eval_timeout``:
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
@@ -32,6 +35,7 @@ import duckdb
 EARLY_STOP_SESSIONS = 5  # rewarded sessions each arm needs before a candidate may be retired early
 EARLY_STOP_Z = 2.33  # how clearly worse (one-sided z) a candidate must be to be retired early
 ARMS = ("active", "candidate")
+VERSION_COLUMNS = ("adapter_version", "memory_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +50,18 @@ class Arm:
         return {"sessions": self.sessions, "mean": self.mean if self.sessions else None}
 
 
-def arm_rewards(con: duckdb.DuckDBPyConnection, since: datetime, version: str) -> dict[str, Arm]:
+def arm_rewards(
+    con: duckdb.DuckDBPyConnection, since: datetime, version: str, *, column: str = "adapter_version"
+) -> dict[str, Arm]:
     """Each arm's evidence: the rewarded sessions that began at or after ``since``, by whether ``version``
-    served any of their calls."""
+    served any of their calls (``column``: ``adapter_version``, or ``memory_version`` for a memory bank)."""
+    assert column in VERSION_COLUMNS, column
     rows = con.execute(
-        """
+        f"""
         WITH recent AS (
             SELECT DISTINCT session_id FROM spans WHERE start_time >= $since AND session_id IS NOT NULL
         ), served AS (
-            SELECT session_id, bool_or(adapter_version IS NOT DISTINCT FROM $version) AS canary
+            SELECT session_id, bool_or({column} IS NOT DISTINCT FROM $version) AS canary
             FROM spans JOIN recent USING (session_id)
             GROUP BY session_id HAVING min(start_time) >= $since
         ), rewarded AS (
@@ -93,3 +100,25 @@ def decide(arms: dict[str, Arm], min_sessions: int) -> tuple[bool, str] | None:
     if fewest >= min_sessions:
         return candidate.mean >= active.mean, f"{means} over {counts}"
     return None
+
+
+async def watch(
+    arms_since: Callable[[datetime], Awaitable[dict[str, Arm]]], *, min_sessions: int, timeout: float, poll: float
+) -> dict[str, Any]:
+    """Read the running canary's evidence (``arms_since(start)``) every ``poll`` seconds until :func:`decide`
+    decides or ``timeout`` passes; returns the evaluation record: method, arms, promote, why."""
+    started = datetime.now(UTC)
+    deadline = time.monotonic() + timeout
+    arms: dict[str, Arm] = {}
+    decision = None
+    while decision is None and time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        arms = await arms_since(started)
+        decision = decide(arms, min_sessions)
+    counts = {arm: arms.get(arm, Arm()).public() for arm in ARMS}
+    if decision is None:
+        sessions = {arm: count["sessions"] for arm, count in counts.items()}
+        why = f"not enough rewarded sessions in {timeout:g} s: {sessions}"
+        return {"method": "online", "arms": counts, "promote": False, "why": why}
+    promote, why = decision
+    return {"method": "online", "arms": counts, "promote": promote, "why": why}

@@ -1,8 +1,10 @@
-"""The trainer's exception types, under Lightwire's common base.
+"""The optimizers' exception types, under Lightwire's common base.
 
 ::
 
-    LightwireError                  (proxy.errors) base; never raised itself
+    LightwireError                  (store.errors) base; never raised itself
+    ├── NotReady                    the optimizer has nothing to publish into yet (the policy is starting)
+    ├── RunCancelled                the process stopped during an optimizer run (or is stopping: none starts)
     └── TrainingError               a training run cannot start or continue (bad options, foreign checkpoint)
         └── NoUsableDataError       no record survived conversion and the algorithm's filter; nothing was written
 
@@ -12,7 +14,7 @@ any other :class:`TrainingError` into status 1, each with its message on stderr.
 
 from __future__ import annotations
 
-from proxy.errors import LightwireError
+from store.errors import LightwireError
 
 
 class TrainingError(LightwireError):
@@ -20,4 +22,12 @@ class TrainingError(LightwireError):
 
 
 class NoUsableDataError(TrainingError):
+    pass
+
+
+class NotReady(LightwireError):
+    pass
+
+
+class RunCancelled(LightwireError):
     pass

@@ -1,7 +1,10 @@
 """The optimizer: from rewarded spans to a better adapter, in the background, while serving goes on.
 
-A run starts when ``train_min_turns`` new rewards have arrived and ``train_min_interval`` seconds have passed
-since the last run (or at once, from ``POST /admin/train`` / ``lightwire train``). Read it top to bottom:
+A run starts when ``train_min_turns`` new rewards have arrived since the last run started and that run has ended
+(and, when set, ``train_min_interval`` seconds have passed since it started), or at once, from ``POST /admin/train``
+/ ``lightwire train``. The default starts runs back to back as rewards come in, as ``lightwire demo`` does (one run
+a round); a fixed 300 s interval had allowed an agent on ``lightwire serve`` at most four runs in 20 minutes.
+Read it top to bottom:
 
 1. **Data.** Export the store's records (credit assignment as configured) into the run folder: the sessions
    since the data the active version was trained on (``train_window`` = ``new``), or all of them (``all``).
@@ -20,6 +23,11 @@ since the last run (or at once, from ``POST /admin/train`` / ``lightwire train``
    candidate that is clearly worse (a one-sided test, :mod:`optimizers.canary`) is retired before that, once
    each arm has a few rewarded sessions. A candidate that scores worse is never promoted.
 5. **Publish** through the hot-swap, or retire the candidate, and record the run with its decision and why.
+
+Offline, a call that fails (an error status, no answer, no connection) is counted apart, never scored: a
+candidate with any failed call is retired whatever its mean, and the means compare the prompts both versions
+answered. A run belongs to the process, not to whoever started it (see :meth:`Optimizer.run`); whatever ends it
+(a decision, an exception, the process's shutdown), its canary stops and its record gets a final status.
 """
 
 from __future__ import annotations
@@ -30,20 +38,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from optimizers import canary
-from optimizers.publish import Publisher
-from proxy.backends import Backends
-from proxy.config import Config
-from proxy.hooks import Hook, rewards
-from proxy.policy import Version
+from optimizers.errors import NotReady, RunCancelled
+from optimizers.ports import Judge, Publishing, Served, Settings
 from store import export
 from store.runs import Run
 from store.runs import load_all as load_runs
@@ -59,41 +61,91 @@ TRAINER_NO_DATA = 3  # optimizers.trainer's exit status when nothing is usable
 
 
 class Optimizer:
-    def __init__(self, config: Config, writer: Writer, backends: Backends, judges: tuple[Hook, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Settings,
+        writer: Writer,
+        publisher: Callable[[], Publishing | None],
+        judges: tuple[Judge, ...] = (),
+    ) -> None:
         self.config = config
         self.writer = writer
-        self.backends = backends
-        self.judges = judges  # span hooks that score offline evaluations; none: evaluate online
+        self._publisher = publisher  # None while the policy is not ready
+        self.judges = judges  # score offline evaluations; none: evaluate online
         self.runs_dir = config.runs_dir.resolve()
         self._lock = asyncio.Lock()
         self._last_start = 0.0
+        self._runs: set[asyncio.Task[Run]] = set()
+        self._stopping = False
 
     @property
-    def publisher(self) -> Publisher:
-        return self.backends.require_publisher()
+    def publisher(self) -> Publishing:
+        publisher = self._publisher()
+        if publisher is None:
+            raise NotReady("the policy that versions are published into is not ready")
+        return publisher
 
     # -- when ---------------------------------------------------------------------------------------------------
 
     async def loop(self) -> None:
-        """Run whenever enough new rewards have come in; meant to be a background task."""
+        """Run whenever enough new rewards have come in; meant to be a background task. Cancelling it (its
+        owner stops) cancels the run it waits for, which then ends as at :meth:`stop`."""
         while True:
             await asyncio.sleep(POLL_S)
             waiting = time.monotonic() - self._last_start < self.config.train_min_interval
-            if self._lock.locked() or waiting or self.backends.publisher is None:
+            if self._lock.locked() or waiting or self._stopping or self._publisher() is None:
                 continue
             if await self._read(_new_rewards) >= self.config.train_min_turns:
                 try:
-                    await self.run()
+                    await self._start()  # not shielded: the loop's owner stops, so does its run
                 except Exception:  # a run's failure is recorded with the run; the loop goes on
                     log.exception("optimizer run failed")
 
     # -- what ---------------------------------------------------------------------------------------------------
 
     async def run(self) -> Run:
-        """One run, start to finish; returns its record."""
+        """One run, start to finish; returns its record.
+
+        The run is the sidecar's, not its caller's: a caller that goes away (a client dropping ``POST
+        /admin/train``, Ctrl-C on ``lightwire train``) only stops waiting, and the run goes on to its decision,
+        recorded in ``GET /admin/runs``; cancelling it half-way would throw away minutes of training for a
+        dropped connection. Only the sidecar's shutdown cancels runs (:meth:`stop`): a caller still waiting then
+        gets 503, and the run is recorded ``cancelled``.
+        """
+        task = self._start()
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # the caller went away; the run goes on
+            raise RunCancelled("the process stopped during the optimizer run; the run was cancelled") from None
+
+    def _start(self) -> asyncio.Task[Run]:
+        if self._stopping:
+            raise RunCancelled("the process is stopping; no optimizer run starts now")
+        task = asyncio.create_task(self._run())
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        return task
+
+    async def stop(self) -> None:
+        """Cancel the runs in progress (at shutdown); return once each has stopped its canary and recorded it."""
+        self._stopping = True
+        runs = list(self._runs)
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+
+    async def close_interrupted(self) -> None:
+        """Record as ``cancelled`` the runs that a killed process left ``running`` (at start-up)."""
+        for run in await self._read(load_runs):
+            if run.status == "running":
+                await self._save(run.update(status="cancelled", reason="the sidecar stopped during the run"))
+
+    async def _run(self) -> Run:
         async with self._lock:
             self._last_start = time.monotonic()
-            active = self.publisher.policy.active
+            active = self.publisher.active
             run_id = datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
             folder = self.runs_dir / run_id
             run = Run(
@@ -110,6 +162,7 @@ class Optimizer:
                 started_at=datetime.now(UTC),
                 ended_at=None,
             )
+            undecided = None  # the candidate while no decision has taken it out of this run's hands
             try:
                 run = await self._save(run.update(data=await self._export(folder)))
                 trained = await self._train(folder, active)
@@ -123,17 +176,32 @@ class Optimizer:
                     algorithm=self.config.train_algorithm,
                     data={"run": run_id, **(json.loads(run.data or "{}"))},
                 )
+                undecided = candidate.version
                 run = await self._save(run.update(candidate=candidate.version))
                 evaluation = await self._evaluate(candidate.version, active, folder)
                 run = await self._save(run.update(evaluation=evaluation))
+                undecided = None
                 if evaluation["promote"]:
                     await self.publisher.activate(candidate.version)
                     return await self._save(run.update(status="published", reason=evaluation["why"]))
                 await self.publisher.reject(candidate.version, "rejected: " + evaluation["why"])
                 return await self._save(run.update(status="rejected", reason=evaluation["why"]))
-            except Exception as exc:
-                await self._save(run.update(status="failed", reason=f"{type(exc).__name__}: {exc}"))
+            except asyncio.CancelledError:
+                await self._end(run, undecided, "cancelled", "the sidecar shut down during the run")
                 raise
+            except Exception as exc:
+                await self._end(run, undecided, "failed", f"{type(exc).__name__}: {exc}")
+                raise
+
+    async def _end(self, run: Run, candidate: str | None, status: str, reason: str) -> None:
+        """Record a run that ended before its decision, once its candidate serves no one (its canary stops)."""
+        adapter = self.publisher.adapters.get(candidate or "")
+        if adapter is not None and adapter.status in ("candidate", "canary"):
+            try:
+                await self.publisher.reject(adapter.version, f"{run.run_id} {status}: {reason}")
+            except Exception:  # the run's record matters more; the reason is logged
+                log.exception("could not retire %s after %s ended", adapter.version, run.run_id)
+        await self._save(run.update(status=status, reason=reason))
 
     async def _export(self, folder: Path) -> dict[str, Any]:
         since = self._window_start()
@@ -163,7 +231,7 @@ class Optimizer:
         """Where the run's data starts: with ``train_window`` = ``new``, after the data the active version was
         trained on (it has learned that already; a run starts from its weights); else, and for the base model or
         a version made elsewhere, at the beginning."""
-        active = self.publisher.policy.active.version
+        active = self.publisher.active.version
         adapter = self.publisher.adapters.get(active or "")
         if self.config.train_window == "all" or adapter is None:
             return None
@@ -175,10 +243,10 @@ class Optimizer:
             "learning_rate": self.config.train_learning_rate,
             "epochs": self.config.train_epochs,
             "lora_r": self.config.max_lora_rank,
-            "swap_mode": self.publisher.policy.mode,
+            "swap_mode": self.publisher.mode,
         }
 
-    async def _train(self, folder: Path, active: Version) -> tuple[dict[str, Any], Path] | None:
+    async def _train(self, folder: Path, active: Served) -> tuple[dict[str, Any], Path] | None:
         """Train in a child process on the run's training split; None when there was nothing to learn from."""
         train_file = folder / "train.jsonl"
         await asyncio.to_thread(_train_split, folder / "data.jsonl", train_file)
@@ -205,6 +273,8 @@ class Optimizer:
         ]
         if self.config.train_threads:
             command += ["--threads", str(self.config.train_threads)]
+        if self.config.train_processes > 1:
+            command += ["--nproc", str(self.config.train_processes)]
         base = active.merged_path or self.publisher.base_dir
         if base is not None:
             command += ["--base", str(base)]
@@ -231,91 +301,120 @@ class Optimizer:
 
     # -- evaluation ---------------------------------------------------------------------------------------------
 
-    async def _evaluate(self, version: str, active: Version, folder: Path) -> dict[str, Any]:
+    async def _evaluate(self, version: str, active: Served, folder: Path) -> dict[str, Any]:
         if self.judges:
             return await self._offline(version, active, folder / "data.jsonl")
         return await self._online(version)
 
-    async def _offline(self, version: str, active: Version, data: Path) -> dict[str, Any]:
+    async def _offline(self, version: str, active: Served, data: Path) -> dict[str, Any]:
         prompts = await asyncio.to_thread(_heldout_prompts, data, self.config.eval_max_prompts)
         if not prompts:
             return {"method": "offline", "promote": False, "why": "no held-out prompts to evaluate on"}
         candidate = await self.publisher.load_candidate(version)
         gate = asyncio.Semaphore(EVAL_CONCURRENCY)
 
-        async def score(model: str, messages: list[dict[str, Any]]) -> float:
+        async def score(model: str, messages: list[dict[str, Any]]) -> float | None:
             async with gate:
                 return await self._score(model, messages)
 
-        scores = {}
+        scores: dict[str, list[float | None]] = {}  # None: the call failed
         for arm, model in (("active", active.served_name), ("candidate", candidate.served_name)):
             scores[arm] = await asyncio.gather(*(score(model, messages) for messages in prompts))
-        means = {arm: sum(values) / len(values) for arm, values in scores.items()}
-        promote = means["candidate"] >= means["active"]
-        why = (
-            f"held-out mean reward {means['candidate']:.3f} (candidate) vs {means['active']:.3f} (active) "
-            f"on {len(prompts)} prompts, scored by {', '.join(h.name for h in self.judges)}"
-        )
-        return {"method": "offline", "prompts": len(prompts), "means": means, "promote": promote, "why": why}
+        return offline_decision(scores, self.judges)
 
-    async def _score(self, model: str, messages: list[dict[str, Any]]) -> float:
-        replica = next(r for r in self.publisher.policy.replicas if r.usable())
+    async def _score(self, model: str, messages: list[dict[str, Any]]) -> float | None:
         body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": EVAL_MAX_TOKENS}
-        async with self.publisher.session.post(
-            replica.upstream.url("/chat/completions"), json=body, timeout=aiohttp.ClientTimeout(total=300)
-        ) as resp:
-            response = await resp.json()
-        span = {"request": body, "response": response, "http_status": resp.status, "operation_name": "chat"}
-        values = []
-        for hook in self.judges:
-            scored = rewards(await hook(span, self.config))
-            if scored:
-                values.append(scored.get("reward", next(iter(scored.values()))))
-        return sum(values) / len(values) if values else 0.0
+        status, response = await self.publisher.complete(body)
+        return await judge(self.judges, body, response, status)
 
     async def _online(self, version: str) -> dict[str, Any]:
         await self.publisher.start_canary(version, self.config.eval_canary_fraction)
-        started = datetime.now(UTC)
-        deadline = time.monotonic() + self.config.eval_timeout
-        arms: dict[str, canary.Arm] = {}
-        decision = None
-        while decision is None and time.monotonic() < deadline:
-            await asyncio.sleep(EVAL_POLL_S)
-            arms = await self._read(canary.arm_rewards, started, version)
-            decision = canary.decide(arms, self.config.eval_min_sessions)
-        counts = {arm: arms.get(arm, canary.Arm()).public() for arm in canary.ARMS}
-        if decision is None:
-            sessions = {arm: count["sessions"] for arm, count in counts.items()}
-            why = f"not enough rewarded sessions in {self.config.eval_timeout:g} s: {sessions}"
-            return {"method": "online", "arms": counts, "promote": False, "why": why}
-        promote, why = decision
-        return {"method": "online", "arms": counts, "promote": promote, "why": why}
+
+        async def arms_since(started: datetime) -> dict[str, canary.Arm]:
+            return await self._read(canary.arm_rewards, started, version)
+
+        config = self.config
+        return await canary.watch(
+            arms_since, min_sessions=config.eval_min_sessions, timeout=config.eval_timeout, poll=EVAL_POLL_S
+        )
 
     # -- the record ---------------------------------------------------------------------------------------------
 
     async def _save(self, run: Run) -> Run:
-        await self.writer.reserve()
-        self.writer.submit(run)
-        log.info("optimizer %s: %s%s", run.run_id, run.status, f" ({run.reason})" if run.reason else "")
-        return run
+        return await save_run(self.writer, run, "optimizer")
 
     async def _read(self, query: Any, *args: Any) -> Any:
-        def read() -> Any:
-            with self.writer.cursor() as con:
-                return query(con, *args)
-
-        return await asyncio.to_thread(read)
+        return await read_store(self.writer, query, *args)
 
     async def runs(self) -> list[Run]:
         await self.writer.flush()
         return list(await self._read(load_runs))
 
 
+async def save_run(writer: Writer, run: Run, kind: str) -> Run:
+    """Record ``run`` as it now stands (and log it)."""
+    await writer.reserve()
+    writer.submit(run)
+    log.info("%s %s: %s%s", kind, run.run_id, run.status, f" ({run.reason})" if run.reason else "")
+    return run
+
+
+async def read_store(writer: Writer, query: Any, *args: Any) -> Any:
+    """``query(connection, *args)`` on the store's cursor, in a worker thread."""
+
+    def read() -> Any:
+        with writer.cursor() as con:
+            return query(con, *args)
+
+    return await asyncio.to_thread(read)
+
+
+def offline_decision(scores: dict[str, list[float | None]], judges: tuple[Judge, ...]) -> dict[str, Any]:
+    """The offline rule, over each arm's scores on the same held-out prompts (None: the call failed).
+
+    A failed call is counted apart, never scored: a candidate with any is retired whatever its mean. Otherwise
+    promote iff the candidate's mean is at least the active's, over the prompts both answered.
+    """
+    prompts = len(scores["candidate"])
+    failed = {arm: sum(value is None for value in values) for arm, values in scores.items()}
+    pairs = zip(scores["active"], scores["candidate"], strict=True)
+    both = [(a, c) for a, c in pairs if a is not None and c is not None]  # the prompts both versions answered
+    result: dict[str, Any] = {"method": "offline", "prompts": prompts, "failed": failed, "means": None}
+    if failed["candidate"]:
+        why = (
+            f"{failed['candidate']} of the candidate's {prompts} held-out calls failed "
+            f"(the active version's: {failed['active']}); a version whose calls fail is never published"
+        )
+        return {**result, "promote": False, "why": why}
+    if not both:
+        why = f"the active version answered none of the {prompts} held-out prompts: nothing to compare"
+        return {**result, "promote": False, "why": why}
+    means = {"active": sum(a for a, _ in both) / len(both), "candidate": sum(c for _, c in both) / len(both)}
+    why = (
+        f"held-out mean reward {means['candidate']:.3f} (candidate) vs {means['active']:.3f} (active) "
+        f"on {len(both)} prompts, scored by {', '.join(h.name for h in judges)}"
+    )
+    if failed["active"]:
+        why += f"; {failed['active']} prompts left out: the active version's calls failed"
+    return {**result, "means": means, "promote": means["candidate"] >= means["active"], "why": why}
+
+
+async def judge(judges: tuple[Judge, ...], body: dict[str, Any], response: Any, status: int) -> float | None:
+    """The judges' mean reward for one replayed answer (0 when none scored it); None when the call failed (an
+    error status, or no answer): a failure is not an answer worth 0."""
+    if status != 200 or not isinstance(response, dict) or not response.get("choices"):
+        log.warning("offline evaluation: a replayed call answered %d: %.200s", status, response)
+        return None
+    span = {"request": body, "response": response, "http_status": status, "operation_name": "chat"}
+    values = [value for one in judges if (value := await one.score(span)) is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
 def _new_rewards(con: Any) -> int:
-    """Rewards that arrived since the last run started (all of them before the first run)."""
+    """Rewards that arrived since the last adapter run started (all of them before the first run)."""
     row = con.execute(
-        "SELECT count(*) FROM feedback WHERE created_at > coalesce((SELECT max(started_at) FROM runs), "
-        "TIMESTAMPTZ '1970-01-01')"
+        "SELECT count(*) FROM feedback WHERE created_at > coalesce((SELECT max(started_at) FROM runs "
+        "WHERE algorithm != 'memory'), TIMESTAMPTZ '1970-01-01')"
     ).fetchone()
     return int(row[0])
 
@@ -339,15 +438,12 @@ def _heldout_prompts(data: Path, limit: int) -> list[list[dict[str, Any]]]:
     return list(seen.values())[:limit]
 
 
-OPTIMIZER = web.AppKey("optimizer", Optimizer)
-
-
 @contextlib.asynccontextmanager
-async def running(optimizer: Optimizer) -> AsyncIterator[Optimizer]:
-    """The optimizer's background loop for an app's lifetime."""
-    task = asyncio.create_task(optimizer.loop())
+async def running(loop: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """A background loop (:meth:`Optimizer.loop`, :meth:`optimizers.memory.Builder.loop`) for an app's lifetime."""
+    task = asyncio.create_task(loop())
     try:
-        yield optimizer
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -8,6 +8,10 @@ A plain LoRA (linear layers, no DoRA, no per-module rank or alpha, nothing else 
 tensor, ``W + (alpha / r) * B @ A`` (``alpha / sqrt(r)`` with rsLoRA) computed in fp32 and rounded once to the
 weight's dtype, shard by shard, with safetensors and torch alone: a second or two, most of it torch's import.
 Anything else goes through peft's ``merge_and_unload`` on the transformers model (ten seconds and more).
+
+Every merged weight must be finite in the dtype it is served in: an adapter whose own weights are finite can
+still overflow bf16 or fp16 once added to the base (checked before the folder gets its final name; the merge
+fails instead).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def _merge_tensors(base: Path, adapter: Path, out: Path, config: dict[str, Any])
         tensors = load_file(shard)
         for name in deltas.keys() & tensors.keys():
             weight = tensors[name]
-            tensors[name] = (weight.float() + deltas.pop(name)).to(weight.dtype)
+            tensors[name] = _finite(name, (weight.float() + deltas.pop(name)).to(weight.dtype))
         save_file(tensors, out / shard.name, metadata=metadata)
     if deltas:
         raise ValueError(f"{adapter}: no base weight for {sorted(deltas)[:3]}...")
@@ -93,7 +97,21 @@ def _merge_with_peft(base: Path, adapter: Path, out: Path, config: dict[str, Any
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out, safe_serialization=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    for name, tensor in merged.state_dict().items():
+        _finite(name, tensor)
+    merged.save_pretrained(out, safe_serialization=True)
+
+
+def _finite(name: str, tensor: Any) -> Any:
+    """``tensor`` itself, if every value is finite in its own dtype."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"merged weight {name} is not finite in {tensor.dtype}: the adapter overflows the base weights"
+        )
+    return tensor
 
 
 def main() -> None:

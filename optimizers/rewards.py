@@ -8,7 +8,8 @@
 * ``ruler`` (group hook): an LLM judge in the style of OpenPipe's RULER. It is shown the task and the sessions of a
   group, compactly (what they share once, then each one's own messages), and asked for a score in [0, 1] for each,
   relative to each other. The judge is the ``judge_model`` setting, any litellm model name; its key (and base URL)
-  come from the provider's environment variables, e.g. ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``.
+  come from the provider's environment variables, e.g. ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``. The sidecar
+  hands the hook its settings and the client it asks providers with (:mod:`proxy.hooks`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any
 
 import orjson
 
-from proxy import config as settings
-from proxy import providers
-from proxy.hooks import content_text
+from optimizers.ports import Judging, ProviderCall
+from store.items import content_text
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +111,22 @@ Answer with JSON only, one entry per attempt, in this shape:
 MAX_MESSAGE_CHARS = 4_000  # longer message texts are cut in the middle
 
 
-async def ruler(sessions: list[dict[str, Any]], *, config: settings.Config | None = None) -> list[float]:
-    """Scores for a group of sessions of one task, from the ``judge_model``; settings read as the proxy does."""
-    config = config or settings.load()
-    return await judge(sessions, model=config.judge_model)
+async def ruler(sessions: list[dict[str, Any]], *, config: Judging, complete: ProviderCall) -> list[float]:
+    """Scores for a group of sessions of one task, from the ``judge_model``, asked through ``complete``."""
+    return await judge(sessions, model=config.judge_model, complete=complete)
 
 
 async def judge(
-    sessions: Sequence[Mapping[str, Any]], *, model: str, rubric: str = RUBRIC, **provider_args: Any
+    sessions: Sequence[Mapping[str, Any]],
+    *,
+    model: str,
+    complete: ProviderCall,
+    rubric: str = RUBRIC,
+    **provider_args: Any,
 ) -> list[float]:
-    """Ask ``model`` (a litellm name) to score the sessions relative to each other; ``provider_args`` go to litellm."""
-    response = await providers.complete(model, judge_messages(sessions, rubric), **provider_args)
+    """Ask ``model`` (a litellm name) through ``complete`` to score the sessions relative to each other;
+    ``provider_args`` go with the request."""
+    response = await complete(model, judge_messages(sessions, rubric), **provider_args)
     content = response["choices"][0]["message"]["content"]
     return parse_scores(content or "", len(sessions))
 

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,7 +50,8 @@ from typing import Any
 
 import torch
 
-from optimizers import checkpoints, data, grpo, kto, sft
+from optimizers import checkpoints, data, distributed, grpo, kto, sft
+from optimizers.embedded import prepare_default_model
 from optimizers.errors import NoUsableDataError, TrainingError
 from optimizers.grpo import GRPOOptions
 from optimizers.kto import KL_MODES, KTOOptions
@@ -68,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 ALGORITHMS: dict[str, ModuleType] = {"sft": sft, "kto": kto, "grpo": grpo}
 EXIT_NO_DATA = 3
+NO_DATA_KEY = "no_usable_data"  # what process 0 of several prints instead of a summary when there is no data
 EXIT_INTERRUPTED = 130
 
 
@@ -134,18 +137,25 @@ class TrainResult:
         return out
 
 
-def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any = None) -> TrainResult:
+def train(
+    records: Sequence[dict[str, Any]],
+    config: TrainConfig,
+    *,
+    model: Any = None,
+    world: distributed.World = distributed.ALONE,
+) -> TrainResult:
     """Train on ``records`` as ``config`` says; see the module docstring.
 
     ``model``: an already loaded policy (from :func:`optimizers.model.load_policy`) to train in place instead
-    of loading ``config.base``; it must match ``config.lora`` and ``config.precision``.
+    of loading ``config.base``; it must match ``config.lora`` and ``config.precision``. ``world``: this
+    process's place among several (:mod:`optimizers.distributed`); process 0 alone writes.
     """
     if config.algorithm not in ALGORITHMS:
         raise TrainingError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {config.algorithm!r}")
     algorithm, options = ALGORITHMS[config.algorithm], getattr(config, config.algorithm)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    device = pick_device(distributed.device_of(world, config.device))
     base = _base_dir(config)
     from transformers import AutoTokenizer
 
@@ -168,9 +178,10 @@ def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any 
         max_tokens=config.max_tokens,
         seed=config.seed,
         epochs=config.epochs,
-        min_batches=(config.max_steps or 0) * config.grad_accum,
+        min_batches=(config.max_steps or 0) * config.grad_accum * world.size,
     )
-    total_steps = data.steps_for(len(batches), config.grad_accum)
+    per_step = config.grad_accum * world.size  # micro-batches in one optimizer step, over every process
+    total_steps = data.steps_for(len(batches), per_step)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     run = {
@@ -226,11 +237,13 @@ def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any 
     history: list[dict[str, Any]] = []
     step = start_step
     stopped = "completed"
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=None if config.progress else True)
+    quiet = not (config.progress and world.main)
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=True if quiet else None)
     with _stop_requested() as stop:
         while step < total_steps:
-            step_batches = [[examples[i] for i in b] for b in batches[step * config.grad_accum :][: config.grad_accum]]
-            units = sum(_units(algorithm.UNIT, b) for b in step_batches)
+            every_batch = [[examples[i] for i in b] for b in batches[step * per_step :][:per_step]]
+            units = sum(_units(algorithm.UNIT, b) for b in every_batch)
+            step_batches = world.mine(every_batch)
             started = time.perf_counter()
             loss_value, tokens, padded, metrics = 0.0, 0, 0, dict[str, float]()
             for step_examples in step_batches:
@@ -245,10 +258,13 @@ def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any 
                 metrics = {k: metrics.get(k, 0.0) + v / len(step_batches) for k, v in batch_metrics.items()}
                 if stop.is_set():
                     break
-            if stop.is_set():  # the unfinished step is dropped; the checkpoint below holds the last full one
-                optimizer.zero_grad(set_to_none=True)
+            if world.sum(float(stop.is_set()))[0]:  # the unfinished step is dropped (by every process alike);
+                optimizer.zero_grad(set_to_none=True)  # the checkpoint below holds the last full one
                 stopped = "interrupted"
                 break
+            world.sum_gradients(parameters)
+            loss_value, summed_tokens, summed_padded = world.sum(loss_value, tokens, padded)
+            tokens, padded = int(summed_tokens), int(summed_padded)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -259,18 +275,20 @@ def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any 
             record["padding"] = round(1 - tokens / padded, 4)
             record |= {"seconds": round(seconds, 4), "tokens_per_second": round(tokens / seconds, 1), **metrics}
             history.append(record)
-            checkpoints.append_metrics(config.out, record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens / seconds:.0f}")
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                checkpoints.save(config.out, step, policy, optimizer, run, base=base, total_steps=total_steps)
+            if world.main:
+                checkpoints.append_metrics(config.out, record)
+                if config.save_every and step % config.save_every == 0 and step < total_steps:
+                    checkpoints.save(config.out, step, policy, optimizer, run, base=base, total_steps=total_steps)
     bar.close()
 
     # 5. Save where the run stopped (unless nothing was done since the last checkpoint), and report.
     adapter_dir = None
     if step > 0:
-        if not checkpoints.exists(config.out, step):
+        if world.main and not checkpoints.exists(config.out, step):
             checkpoints.save(config.out, step, policy, optimizer, run, base=base, total_steps=total_steps)
+        world.barrier()
         adapter_dir = checkpoints.adapter_dir(config.out, step)
     tokens = sum(r["tokens"] for r in history)
     seconds = sum(r["seconds"] for r in history)
@@ -297,8 +315,6 @@ def train(records: Sequence[dict[str, Any]], config: TrainConfig, *, model: Any 
 def _base_dir(config: TrainConfig) -> Path:
     if config.base is not None:
         return config.base
-    from proxy.embedded import prepare_default_model
-
     return prepare_default_model(config.cache_dir)
 
 
@@ -332,8 +348,8 @@ def _stop_requested() -> Iterator[threading.Event]:
 # Command line ------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, TrainConfig, str]:
-    """``(records file, config, log level)`` from the command line."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, TrainConfig, str, int]:
+    """``(records file, config, log level, processes)`` from the command line."""
     d, s, k, g = TrainConfig(out=Path()), SFTOptions(), KTOOptions(), GRPOOptions()
     parser = argparse.ArgumentParser(prog="python -m optimizers.trainer", description=__doc__.splitlines()[0])
 
@@ -368,7 +384,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, TrainConfig, st
     )
     model.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="See optimizers.model.")
     model.add_argument("--device", default=d.device, help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
-    model.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    model.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice), per process.")
+    model.add_argument(
+        "--nproc", type=int, default=1, help="Processes to train in, data parallel under torchrun (one per GPU)."
+    )
 
     sft_group = parser.add_argument_group("sft: filtered behaviour cloning and distillation")
     sft_group.add_argument("--min-reward", type=float, default=s.min_reward, help="Keep turns with reward >= this.")
@@ -438,22 +457,59 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, TrainConfig, st
             min_group_size=a.min_group_size,
         ),
     )
-    return a.data, config, a.log_level
+    return a.data, config, a.log_level, a.nproc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    path, config, level = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path, config, level, nproc = parse_args(argv)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if nproc > 1 and not distributed.launched():
+        return _launch(nproc, argv)
+    world = distributed.join(config.device)
     try:
-        result = train(data.load_records(path), config)
+        result = train(data.load_records(path), config, world=world)
     except NoUsableDataError as error:
         print(f"lightwire trainer: {error}", file=sys.stderr)
-        return EXIT_NO_DATA
+        if world.size > 1 and world.main:  # torchrun reports any failing process as 1: say it on stdout
+            print(json.dumps({NO_DATA_KEY: str(error)}))
+        return 0 if world.size > 1 else EXIT_NO_DATA
     except TrainingError as error:
         print(f"lightwire trainer: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(result.summary()))
+    finally:
+        distributed.leave()
+    if world.main:
+        print(json.dumps(result.summary()))
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The arguments less ``--nproc N``: torchrun would read it as an abbreviation of its ``--nproc-per-node``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run this trainer in ``nproc`` processes under torchrun; its exit status and summary as one process's."""
+    command = distributed.torchrun(nproc, "optimizers.trainer", _without_nproc(argv))
+    logger.info("training in %d processes: %s", nproc, " ".join(command))
+    done = subprocess.run(command, stdout=subprocess.PIPE, check=False)
+    lines = done.stdout.decode().strip().splitlines()
+    summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if NO_DATA_KEY in summary:
+        return EXIT_NO_DATA
+    if summary:
+        print(lines[-1])
+    return done.returncode
 
 
 if __name__ == "__main__":

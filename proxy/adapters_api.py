@@ -7,6 +7,7 @@
 ``POST /admin/adapters/{version}/canary``   serve it to a fraction of sessions: ``{"fraction": 0.1}``
 ``POST /admin/rollback``                    stop the canary, or return to the previous active version
 ``POST /admin/train``                       an optimizer run now: train, evaluate, publish; answers the run
+                                            (a client that goes away stops waiting; the run goes on)
 ``GET  /admin/runs``                        every optimizer run, with its data, losses, evaluation, decision
 ==========================================  ===============================================================
 """
@@ -21,12 +22,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from optimizers.loop import OPTIMIZER
-from optimizers.publish import Publisher
+from optimizers.errors import RunCancelled
+from optimizers.loop import Optimizer
 from proxy.admin import settings_of, sidecar
 from proxy.backends import BACKENDS
-from proxy.errors import InvalidRequest, json_response
+from proxy.errors import BackendUnavailable, InvalidRequest, json_response
 from proxy.feedback import json_object
+from proxy.publish import Publisher
+
+OPTIMIZER = web.AppKey("optimizer", Optimizer)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -89,7 +93,11 @@ async def rollback(request: web.Request) -> web.Response:
 
 async def train(request: web.Request) -> web.Response:
     request.app[BACKENDS].require_publisher()  # 503 at once while the policy is not ready
-    return json_response((await request.app[OPTIMIZER].run()).public())
+    try:
+        run = await request.app[OPTIMIZER].run()
+    except RunCancelled as exc:
+        raise BackendUnavailable(f"The sidecar is shutting down: {exc} (see GET /admin/runs).") from None
+    return json_response(run.public())
 
 
 async def runs(request: web.Request) -> web.Response:
@@ -106,8 +114,15 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> None:
-    """``lightwire train``: an optimizer run in the running sidecar, now; prints its record."""
-    run = asyncio.run(sidecar(args, settings_of(args)).call("POST", "/admin/train", {}))
+    """``lightwire train``: an optimizer run in the running sidecar, now; prints its record. Ctrl-C stops
+    waiting, not the run: it is the sidecar's, and ends (and is recorded) there."""
+    client = sidecar(args, settings_of(args))
+    try:
+        run = asyncio.run(client.call("POST", "/admin/train", {}))
+    except KeyboardInterrupt:
+        raise SystemExit(
+            f"lightwire train: stopped waiting; the run goes on in the sidecar ({client.base_url}/admin/runs)"
+        ) from None
     print(orjson.dumps(run, option=orjson.OPT_INDENT_2).decode())
 
 

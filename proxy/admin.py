@@ -32,11 +32,10 @@ import duckdb
 import orjson
 from aiohttp import web
 
-from optimizers import credit
 from proxy import config as settings
 from proxy.config import Config
 from proxy.errors import ConfigError, InvalidRequest, json_response
-from store import export, stats
+from store import credit, export, stats
 from store.writer import Writer
 
 META_HEADER = "x-lightwire-export-meta"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from optimizers.credit import Rating, Turn, assign, assign_all, session_shares
+from store.credit import Rating, Turn, assign, assign_all, session_shares
 
 # Given out of order on purpose: turns are credited in turn_index order.
 TURNS = [Turn("c", 2), Turn("a", 0), Turn("b", 1)]

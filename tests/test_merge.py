@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm_fixtures import make_adapter
+from tests.vllm_fixtures import make_adapter, overflowing_adapter
 
 pytestmark = pytest.mark.training
 
@@ -21,10 +21,10 @@ def weights(folder: Path) -> dict[str, object]:
     return load_file(folder / "model.safetensors")
 
 
-def run_merge(base: Path, adapter: Path, out: Path) -> str:
+def run_merge(base: Path, adapter: Path, out: Path, *, ok: bool = True) -> str:
     command = [sys.executable, "-m", "optimizers.merge", "--base", str(base), "--adapter", str(adapter)]
     done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert (done.returncode == 0) == ok, done.stderr
     return done.stderr
 
 
@@ -64,3 +64,16 @@ def test_an_adapter_with_a_rank_pattern_goes_through_peft(embedded_model_dir: Pa
     merged, base = weights(tmp_path / "merged"), weights(embedded_model_dir)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[name], base[name])
+
+
+@pytest.mark.parametrize("path", ["tensors", "peft"])
+def test_a_merge_that_overflows_bf16_fails_and_leaves_no_model_folder(
+    embedded_model_dir: Path, random_adapter: Path, tmp_path: Path, path: str
+) -> None:
+    adapter = overflowing_adapter(random_adapter, tmp_path / "huge")  # its own weights are finite
+    if path == "peft":
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 8}}))
+    error = run_merge(embedded_model_dir, adapter, tmp_path / "merged", ok=False)
+    assert "is not finite in torch.bfloat16" in error
+    assert not (tmp_path / "merged").exists()

@@ -32,7 +32,8 @@ from tests.training_fixtures import (
     write_records,
 )
 
-pytestmark = pytest.mark.training
+# The timeout guards against a hang, not a speed: a test runs up to ~12 real steps, 280-340 s on 2 busy cores.
+pytestmark = [pytest.mark.training, pytest.mark.timeout(900)]
 
 QUESTIONS = ("What is your name?", "Who are you?")
 ANSWER = "My name is Lightwire, a learning sidecar."

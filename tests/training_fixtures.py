@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from proxy.embedded import prepare_default_model
+from optimizers.embedded import prepare_default_model
 
 
 def cache_dir() -> Path:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import LightwireError
+from store.errors import LightwireError
 
 logger = logging.getLogger(__name__)
 

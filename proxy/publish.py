@@ -12,12 +12,17 @@ Every step talks to vLLM over its HTTP API only:
 * **activate**, ``merged`` mode: merge it into its parent's weights in a separate process, then, replica by
   replica is not enough for a clean record, so for all replicas together: close their gates (new calls wait),
   let running calls finish (bounded by ``swap_drain_timeout``), reload the weights (``/collective_rpc
-  reload_weights``, ~0.2 s), clear the prefix cache, switch routing, open the gates.
+  reload_weights``, ~0.2 s), clear the prefix cache, probe each replica (one token, finite logprob), switch
+  routing, open the gates. If any replica fails, every replica gets the weights it served before: replicas never
+  serve different weights under one label. One that cannot even get those back is ``stale`` (no calls) until
+  restored.
 * **canary**: load as a LoRA adapter and route a fraction of sessions to it.
 * **rollback**: return to the previous active version (LoRA: switch back; merged: reload its weights).
 
 A failure at any step leaves the current version serving and marks the candidate ``failed`` with the reason.
-After a vLLM restart, :meth:`Publisher.restore` loads the active version again before the server takes calls.
+After a vLLM restart, :meth:`Publisher.restore` loads the active version again before the server takes calls;
+it may be repeated (a Lightwire restarted while vLLM still holds its adapters): an adapter's name always means the
+same weights, so one already loaded under that name is the one wanted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from collections.abc import Awaitable, Callable
@@ -46,7 +52,8 @@ T = TypeVar("T")
 VLLM_TIMEOUT = aiohttp.ClientTimeout(total=120)
 # The canary request a version must answer before it gets calls: one token for a one-token prompt. Through a LoRA
 # on vLLM-CPU prefill costs ~5 ms a token: a chat "Hi" (its template adds ~30 tokens) took 218 ms, this one 90 ms.
-PROBE = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
+# Its logprob must be finite: weights that overflowed give NaN.
+PROBE = {"prompt": "Hi", "max_tokens": 1, "temperature": 0, "logprobs": 1}
 
 
 class PublishFailed(UpstreamError):
@@ -78,6 +85,21 @@ class Publisher:
         self._background: set[asyncio.Task[None]] = set()
         self._loaded: set[str] = set()  # LoRA names loaded into the replicas
         self._base_modules = base_linear_modules(base_dir) if base_dir else None
+
+    # -- what the optimizer reads (optimizers.ports.Publishing) -----------------------------------------------
+
+    @property
+    def active(self) -> Version:
+        return self.policy.active
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    async def complete(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """One chat completion from a replica that serves now (the offline evaluation's replays)."""
+        replica = next(r for r in self.policy.replicas if r.usable())
+        return await replica.upstream.complete(body)
 
     # -- the admin operations ---------------------------------------------------------------------------------
 
@@ -177,17 +199,32 @@ class Publisher:
             return {"rolled_back": left.label, "active": self.policy.active.label}
 
     async def restore(self, replica: Replica) -> None:
-        """Bring a freshly (re)started replica to the served versions: merged weights, loaded adapters."""
-        active = self.policy.active
-        if active.merged_path is not None:
-            await self._reload(replica, active.merged_path)
-        for version in {active, self.policy.canary, *self.policy.history[-1:]}:
-            if version is not None and version.lora_path is not None:
-                await self._vllm(
-                    replica,
-                    "/v1/load_lora_adapter",
-                    {"lora_name": version.served_name, "lora_path": str(version.lora_path)},
-                )
+        """Bring a freshly (re)started replica to the served versions (merged weights, loaded adapters) and check
+        that it answers with each version that gets calls. Safe to repeat on a replica that has them already."""
+        async with self._lock:
+            active = self.policy.active
+            if active.merged_path is not None:
+                await self._reload(replica, active.merged_path)
+            for version in self._served():
+                if version is not None and version.lora_path is not None:
+                    await self._vllm(
+                        replica,
+                        "/v1/load_lora_adapter",
+                        {"lora_name": version.served_name, "lora_path": str(version.lora_path)},
+                        exists_ok=True,
+                    )
+            for version in {active, self.policy.canary}:
+                if version is not None and version.version is not None:  # the base needs nothing loaded
+                    await self._probe(replica, version.served_name)
+            replica.stale = False
+
+    async def serves_routed(self, replica: Replica) -> bool:
+        """Whether a replica lists every adapter that calls are routed to (a restarted vLLM lists none)."""
+        names = {v.served_name for v in (self.policy.active, self.policy.canary) if v is not None and v.lora_path}
+        if not names:
+            return True
+        models = await self._vllm(replica, "/v1/models", None, method="GET")
+        return names <= {m.get("id") for m in models.get("data", [])}
 
     def resume(self) -> None:
         """Serve what the registry says was active when Lightwire last stopped (before any replica starts)."""
@@ -255,12 +292,33 @@ class Publisher:
             with contextlib.suppress(TimeoutError):  # past the bound, calls still running see the new weights
                 async with asyncio.timeout(self.drain_timeout):
                     await asyncio.gather(*(r.idle.wait() for r in replicas))
-            for replica in replicas:
-                await self._reload(replica, weights)
+            touched: list[Replica] = []
+            try:
+                for replica in replicas:
+                    touched.append(replica)  # a reload that fails may have loaded part of the weights
+                    await self._reload(replica, weights)
+                    await self._probe(replica, self.policy.base.served_name)
+            except PublishFailed:
+                await self._put_back(touched)
+                raise
             return switch()
         finally:
             for replica in replicas:
                 replica.open.set()
+
+    async def _put_back(self, replicas: list[Replica]) -> None:
+        """Reload the weights served now into replicas that a failed reload touched; mark stale those that fail."""
+        weights = self.policy.active.merged_path or self.base_dir
+        assert weights is not None  # _reload_all checked that there is a base folder
+        for replica in replicas:
+            try:
+                await self._reload(replica, weights)
+                await self._probe(replica, self.policy.base.served_name)
+            except PublishFailed as exc:
+                replica.stale = True
+                log.error(
+                    "%s is out of service until restored: its weights could not be put back: %s", replica.root_url, exc
+                )
 
     async def _reload(self, replica: Replica, weights: Path) -> None:
         await self._vllm(
@@ -272,7 +330,17 @@ class Publisher:
         models = await self._vllm(replica, "/v1/models", None, method="GET")
         if name not in {m.get("id") for m in models.get("data", [])}:
             raise PublishFailed(f"{replica.root_url} does not list {name} after loading it")
-        await self._vllm(replica, "/v1/completions", {"model": name, **PROBE})
+        await self._probe(replica, name)
+
+    async def _probe(self, replica: Replica, name: str) -> None:
+        """One token from ``name`` on ``replica``; fails unless it comes with a finite logprob (when given one)."""
+        answer = await self._vllm(replica, "/v1/completions", {"model": name, **PROBE})
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not choices:
+            raise PublishFailed(f"{replica.root_url} answered the probe of {name} with no choice: {str(answer)[:200]}")
+        logprobs = (choices[0].get("logprobs") or {}).get("token_logprobs") or []
+        if not all(isinstance(x, float | int) and math.isfinite(x) for x in logprobs):
+            raise PublishFailed(f"{replica.root_url} serves {name} with non-finite logprobs {logprobs}: broken weights")
 
     def _retire_later(self) -> None:
         """Unload LoRA versions no longer active, canary or previous."""
@@ -310,7 +378,9 @@ class Publisher:
         self, replica: Replica, path: str, body: dict[str, Any] | None, *, method: str = "POST", exists_ok: bool = False
     ) -> Any:
         try:
-            async with self.session.request(method, replica.root_url + path, json=body, timeout=VLLM_TIMEOUT) as resp:
+            async with self.session.request(
+                method, replica.root_url + path, json=body, headers=replica.upstream.auth(), timeout=VLLM_TIMEOUT
+            ) as resp:
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PublishFailed(f"vLLM at {replica.root_url} did not answer {path}: {exc}") from None
