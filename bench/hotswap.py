@@ -62,7 +62,7 @@ import duckdb
 import orjson
 
 from bench.machine import CLOCK_TICKS
-from proxy.embedded import DEFAULT_MODEL_NAME, prepare_default_model
+from optimizers.embedded import DEFAULT_MODEL_NAME, prepare_default_model
 from proxy.vllm_server import VllmOptions, VllmServer
 
 log = logging.getLogger("bench.hotswap")

@@ -1,11 +1,13 @@
 """Proxy overhead: the same closed-loop load sent to the fake upstream directly, through Lightwire and through
 LiteLLM's proxy, interleaved in one run, every target's numbers side by side.
 
-    .venv/bin/python -m bench.proxy_overhead [--quick] [--out FILE]
+    .venv/bin/python -m bench.proxy_overhead [--quick | --pin] [--out FILE]
 
 Load: one aiohttp ``ClientSession`` in this process; C workers each send requests back to back (closed loop) for a
 fixed time. Three scenarios: non-streaming chat at concurrency 1 and 32, and 32 concurrent streams of
-``STREAM_CHUNKS`` chunks ``CHUNK_DELAY_S`` apart (the fake upstream's ``x-fake-*`` headers). The schedule is rounds
+``STREAM_CHUNKS`` chunks ``CHUNK_DELAY_S`` apart (the fake upstream's ``x-fake-*`` headers); and two of the
+Responses API, direct and through Lightwire only: one call at a time, and 32 streams of typed events (the first
+event's time is their ``ttfc``). The schedule is rounds
 of scenario x target, the target order rotated every round, so that machine noise hits all targets alike; every
 measured run starts with a short warm-up at its own concurrency, and every target gets a longer one at the start.
 Latencies are pooled over rounds per target; req/s is successful requests over the runs' total time.
@@ -27,6 +29,12 @@ Lightwire runs aiohttp on the default asyncio loop. Lightwire otherwise runs wit
 Spans: after the load Lightwire gets SIGTERM; once it has exited, its DuckDB file must hold one ``spans`` row per
 model call this bench sent it, warm-ups included.
 
+``--pin`` reproduces issue 16's table: placement as above (required), 5-second runs, three rounds (about two minutes
+of load on each proxy), streams of ``PIN_STREAM_CHUNKS`` chunks sent without delay, and the issue's targets for the
+added p99 at concurrency 32 and the added first-chunk p99 (``MAX_ADDED_P99_PINNED_MS``). Every mode reports each
+proxy's resident memory (RSS) right after start and at the end of the load, and Lightwire's event loop's longest
+stalls and the collector's pauses (its ``/healthz``, from ``proxy/loopwatch.py``).
+
 Reading the report: every request carries the same messages, as mock benchmarks do. ``rps_per_round`` shows a target
 that slows down as calls accumulate; ``server_cpu_ms_per_request`` (the target server's CPU time, all threads, per
 call) is the figure machine noise disturbs least; ``machine_during_runs`` says how much CPU other processes took.
@@ -35,7 +43,6 @@ Pinned, Lightwire's store writer thread shares its one core with its event loop;
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -43,7 +50,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -55,7 +61,9 @@ import duckdb
 import orjson
 from tqdm import tqdm
 
-from bench.machine import busy_seconds, process_seconds
+from bench import memory_lookup
+from bench import report as report_cli
+from bench.machine import busy_seconds, process_seconds, rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's scripts: lightwire, litellm
@@ -64,14 +72,15 @@ MODEL = "bench"
 API_KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # LiteLLM's master key and Lightwire's client key
 STREAM_CHUNKS = 20
 CHUNK_DELAY_S = 0.01
-STREAM_EVENTS = STREAM_CHUNKS + 1  # content chunks, then one with finish_reason; then [DONE]
-FAKE_HEADERS = {"x-fake-chunks": str(STREAM_CHUNKS), "x-fake-chunk-delay": str(CHUNK_DELAY_S)}
+PIN_STREAM_CHUNKS = 50
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 # Targets from the issue.
 MAX_ADDED_P50_MS = 0.5  # latency Lightwire adds at concurrency 1
 MIN_RPS_VS_LITELLM = 5.0  # Lightwire req/s over LiteLLM req/s at concurrency 32
 MAX_ADDED_TTFC_P99_MS = 2.0  # what streaming through Lightwire adds to the first chunk's p99
+MAX_ADDED_P99_PINNED_MS = 5.0  # issue 16, --pin: added p99 at c=32 and added first-chunk p99 with 32 streams
+MAX_MEMORY_ADDED_P50_MS = 0.3  # with --memory: what memory adds to Lightwire's p50 at concurrency 1
 
 LOADGEN_CPU = 0
 PROXY_CPU = 1
@@ -82,6 +91,7 @@ START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 POLL_S = 0.2
 EXAMPLES_KEPT = 3
+MEMORY = "lightwire_memory"  # the target with --memory
 PLACEMENT = f"load generator and fake upstream on CPU {LOADGEN_CPU}, proxy under test on CPU {PROXY_CPU}"
 
 
@@ -91,10 +101,38 @@ class Profile:
     run_s: float  # measured seconds per round, scenario and target
     run_warmup_s: float  # before each measured run, at its concurrency
     target_warmup_s: float  # per target before the first round, split over the scenarios
+    stream_chunks: int = STREAM_CHUNKS
+    chunk_delay_s: float = CHUNK_DELAY_S
+    added_ttfc_p99_limit_ms: float = MAX_ADDED_TTFC_P99_MS
+    added_p99_c32_limit_ms: float | None = None
+
+    @property
+    def fake_headers(self) -> dict[str, str]:
+        """How the fake upstream streams (it ignores these on non-streaming calls)."""
+        return {"x-fake-chunks": str(self.stream_chunks), "x-fake-chunk-delay": str(self.chunk_delay_s)}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **self.fake_headers}
+
+    @property
+    def stream_events(self) -> int:
+        return self.stream_chunks + 1  # content chunks, then one with finish_reason; then [DONE]
 
 
 FULL = Profile(rounds=3, run_s=6.0, run_warmup_s=0.5, target_warmup_s=3.0)
 QUICK = Profile(rounds=1, run_s=1.5, run_warmup_s=0.2, target_warmup_s=0.9)
+PINNED = Profile(
+    rounds=3,
+    run_s=5.0,
+    run_warmup_s=0.5,
+    target_warmup_s=3.0,
+    stream_chunks=PIN_STREAM_CHUNKS,
+    chunk_delay_s=0.0,
+    added_ttfc_p99_limit_ms=MAX_ADDED_P99_PINNED_MS,
+    added_p99_c32_limit_ms=MAX_ADDED_P99_PINNED_MS,
+)
+PROFILES = {"full": FULL, "quick": QUICK, "pin": PINNED}
 
 
 @dataclass(frozen=True)
@@ -102,15 +140,26 @@ class Scenario:
     name: str
     stream: bool
     concurrency: int
+    api: str = "chat"  # "responses": POST /v1/responses, direct and Lightwire only (LiteLLM is compared on chat)
 
 
 SCENARIOS = (
     Scenario("chat_c1", stream=False, concurrency=1),
     Scenario("chat_c32", stream=False, concurrency=32),
     Scenario("stream_c32", stream=True, concurrency=32),
+    Scenario("responses_c1", stream=False, concurrency=1, api="responses"),
+    Scenario("responses_stream_c32", stream=True, concurrency=32, api="responses"),
 )
-BODIES = {stream: orjson.dumps({"model": MODEL, "messages": MESSAGES, "stream": stream}) for stream in (False, True)}
-HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **FAKE_HEADERS}
+PATHS = {"chat": "/chat/completions", "responses": "/responses"}
+BODIES = {
+    ("chat", stream): orjson.dumps({"model": MODEL, "messages": MESSAGES, "stream": stream}) for stream in (False, True)
+} | {
+    ("responses", stream): orjson.dumps({"model": MODEL, "input": "Say hello.", "stream": stream})
+    for stream in (False, True)
+}
+# A Responses stream: created, in_progress, output_item.added, content_part.added, the deltas, output_text.done,
+# content_part.done, output_item.done, completed (its end: no [DONE]).
+RESPONSES_EXTRA_EVENTS = 8
 
 
 @dataclass
@@ -180,15 +229,20 @@ def percentile(values: list[float], q: float) -> float | None:
 # -- load -----------------------------------------------------------------------------------------------------------
 
 
-async def call(session: aiohttp.ClientSession, target: Target, stream: bool, tally: Tally) -> None:
+async def call(
+    session: aiohttp.ClientSession, target: Target, scenario: Scenario, tally: Tally, profile: Profile
+) -> None:
     target.sent += 1
     started = time.perf_counter()
+    stream, url = scenario.stream, target.base_url + PATHS[scenario.api]
     try:
-        async with session.post(f"{target.base_url}/chat/completions", data=BODIES[stream], headers=HEADERS) as resp:
+        async with session.post(url, data=BODIES[scenario.api, stream], headers=profile.headers) as resp:
             if resp.status != 200:
                 tally.error(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
+            elif stream and scenario.api == "responses":
+                await read_stream(resp, started, tally, profile.stream_chunks + RESPONSES_EXTRA_EVENTS, typed=True)
             elif stream:
-                await read_stream(resp, started, tally)
+                await read_stream(resp, started, tally, profile.stream_events)
             else:
                 await resp.read()
                 tally.latency_ms.append((time.perf_counter() - started) * 1000)
@@ -197,7 +251,11 @@ async def call(session: aiohttp.ClientSession, target: Target, stream: bool, tal
         tally.error(repr(exc))
 
 
-async def read_stream(resp: aiohttp.ClientResponse, started: float, tally: Tally) -> None:
+async def read_stream(
+    resp: aiohttp.ClientResponse, started: float, tally: Tally, expected_events: int, *, typed: bool = False
+) -> None:
+    """Time a stream's events; a chat stream ends with [DONE], a Responses stream (``typed``) with its
+    ``response.completed`` event."""
     events = 0
     done = False
     last: float | None = None
@@ -214,9 +272,10 @@ async def read_stream(resp: aiohttp.ClientResponse, started: float, tally: Tally
             tally.gap_ms.append((now - last) * 1000)
         last = now
         events += 1
+        done = done or (typed and b'"type":"response.completed"' in line)
     tally.latency_ms.append((time.perf_counter() - started) * 1000)
     tally.ok += 1
-    if done and events == STREAM_EVENTS:
+    if done and events == expected_events:
         tally.complete += 1
     else:
         tally.incomplete += 1
@@ -225,7 +284,7 @@ async def read_stream(resp: aiohttp.ClientResponse, started: float, tally: Tally
 
 
 async def closed_loop(
-    session: aiohttp.ClientSession, target: Target, scenario: Scenario, seconds: float, tally: Tally
+    session: aiohttp.ClientSession, target: Target, scenario: Scenario, seconds: float, tally: Tally, profile: Profile
 ) -> float:
     """``scenario.concurrency`` workers send back to back until ``seconds`` have passed; returns the time taken."""
     started = time.perf_counter()
@@ -233,7 +292,7 @@ async def closed_loop(
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
-            await call(session, target, scenario.stream, tally)
+            await call(session, target, scenario, tally, profile)
 
     await asyncio.gather(*(worker() for _ in range(scenario.concurrency)))
     return time.perf_counter() - started
@@ -242,10 +301,10 @@ async def closed_loop(
 async def measured_run(
     session: aiohttp.ClientSession, target: Target, scenario: Scenario, profile: Profile, tally: Tally
 ) -> None:
-    await closed_loop(session, target, scenario, profile.run_warmup_s, Tally())
+    await closed_loop(session, target, scenario, profile.run_warmup_s, Tally(), profile)
     ok_before = tally.ok
     cpu_before = process_seconds(target.pid)
-    seconds = await closed_loop(session, target, scenario, profile.run_s, tally)
+    seconds = await closed_loop(session, target, scenario, profile.run_s, tally, profile)
     tally.cpu_s += process_seconds(target.pid) - cpu_before
     tally.seconds += seconds
     tally.round_rps.append((tally.ok - ok_before) / seconds)
@@ -354,17 +413,25 @@ async def start_fake(fleet: Fleet) -> Target:
     return Target("direct", line.decode().strip(), server.proc.pid)
 
 
-async def start_lightwire(session: aiohttp.ClientSession, fleet: Fleet, upstream: str, db: Path) -> Target:
+async def start_lightwire(
+    session: aiohttp.ClientSession, fleet: Fleet, upstream: str, db: Path, *, name: str = "lightwire", bank: int = 0
+) -> Target:
+    """Lightwire with its defaults; with ``bank`` trajectories, a second one serving an active memory bank of
+    that many, in which every call here finds examples (one trajectory in ten shares its words)."""
     port = free_port()
     argv = [str(BIN / "lightwire"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--db", str(db), "--upstream", upstream, "--api-key", API_KEY]
-    server = await fleet.spawn("lightwire", argv, cpu=PROXY_CPU)
+    if bank:
+        memory_lookup.seed(db, fleet.workdir / "memory", bank, mention=MESSAGES[-1]["content"])
+        argv += ["--memory", MODEL]
+    server = await fleet.spawn(name, argv, cpu=PROXY_CPU)
     await wait_ready(session, server, f"http://127.0.0.1:{port}/healthz")
-    return Target("lightwire", f"http://127.0.0.1:{port}/v1", server.proc.pid)
+    return Target(name, f"http://127.0.0.1:{port}/v1", server.proc.pid)
 
 
-def litellm_config(upstream: str) -> dict[str, Any]:
-    params = {"model": f"openai/{MODEL}", "api_base": upstream, "api_key": "sk-upstream", "extra_headers": FAKE_HEADERS}
+def litellm_config(upstream: str, profile: Profile) -> dict[str, Any]:
+    params = {"model": f"openai/{MODEL}", "api_base": upstream, "api_key": "sk-upstream"}
+    params["extra_headers"] = profile.fake_headers
     return {
         "model_list": [{"model_name": MODEL, "litellm_params": params}],
         "litellm_settings": {"set_verbose": False, "callbacks": []},
@@ -372,9 +439,9 @@ def litellm_config(upstream: str) -> dict[str, Any]:
     }
 
 
-async def start_litellm(session: aiohttp.ClientSession, fleet: Fleet, upstream: str) -> Target:
+async def start_litellm(session: aiohttp.ClientSession, fleet: Fleet, upstream: str, profile: Profile) -> Target:
     config = fleet.workdir / "litellm.yaml"  # JSON is YAML
-    config.write_bytes(orjson.dumps(litellm_config(upstream)))
+    config.write_bytes(orjson.dumps(litellm_config(upstream, profile)))
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_HOST", "REDIS_URL")}
     env |= {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MODE": "PRODUCTION"}
     port = free_port()
@@ -410,15 +477,22 @@ async def measure(
     session: aiohttp.ClientSession, targets: list[Target], profile: Profile, fleet: Fleet
 ) -> dict[str, Any]:
     """Warm every target up, then run the rounds; returns the tallies and what else the machine was doing."""
+
+    def runs(target: Target, scenario: Scenario) -> bool:
+        return scenario.api == "chat" or target.name != "litellm"
+
     for target in targets:
         for scenario in SCENARIOS:
-            await closed_loop(session, target, scenario, profile.target_warmup_s / len(SCENARIOS), Tally())
+            if runs(target, scenario):
+                warmup = profile.target_warmup_s / len(SCENARIOS)
+                await closed_loop(session, target, scenario, warmup, Tally(), profile)
     tallies = {t.name: {s.name: Tally() for s in SCENARIOS} for t in targets}
     schedule = [
         (scenario, targets[(i + r) % len(targets)])  # the target order rotates every round
         for r in range(profile.rounds)
         for scenario in SCENARIOS
         for i in range(len(targets))
+        if runs(targets[(i + r) % len(targets)], scenario)
     ]
     most_pending = 0
     busy_before, ours_before, started = busy_seconds(), fleet.cpu_seconds(), time.perf_counter()
@@ -440,7 +514,7 @@ async def measure(
     }
 
 
-async def bench(profile: Profile, pin: bool, workdir: Path) -> dict[str, Any]:
+async def bench(profile: Profile, pin: bool, workdir: Path, bank: int = 0) -> dict[str, Any]:
     if pin:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     db = workdir / "lightwire.duckdb"
@@ -451,9 +525,20 @@ async def bench(profile: Profile, pin: bool, workdir: Path) -> dict[str, Any]:
         try:
             direct = await start_fake(fleet)
             lightwire, litellm = await asyncio.gather(
-                start_lightwire(session, fleet, direct.base_url, db), start_litellm(session, fleet, direct.base_url)
+                start_lightwire(session, fleet, direct.base_url, db),
+                start_litellm(session, fleet, direct.base_url, profile),
             )
-            run = await measure(session, [direct, lightwire, litellm], profile, fleet)
+            proxies = (lightwire, litellm)
+            memory = {t.name: {"rss_mb_start": rss_mb(t.pid)} for t in proxies}
+            targets = [direct, lightwire, litellm]
+            if bank:
+                bank_db = workdir / "lightwire-memory.duckdb"
+                targets.append(await start_lightwire(session, fleet, direct.base_url, bank_db, name=MEMORY, bank=bank))
+            run = await measure(session, targets, profile, fleet)
+            for t in proxies:
+                memory[t.name]["rss_mb_end"] = rss_mb(t.pid)
+            async with session.get(lightwire.base_url.removesuffix("/v1") + "/healthz") as resp:
+                loop = (await resp.json())["loop"]
             shutdown = await fleet.stop("lightwire")
         finally:
             await fleet.stop_all()
@@ -465,7 +550,7 @@ async def bench(profile: Profile, pin: bool, workdir: Path) -> dict[str, Any]:
         "most_pending_after_a_run": run.pop("most_pending_spans_after_a_run"),
         "shutdown": {k: shutdown[k] for k in ("exit_code", "stop_s", "killed")},
     }
-    return run | {"spans": spans, "servers": fleet.stopped}
+    return run | {"memory": memory, "lightwire_event_loop": loop, "spans": spans, "servers": fleet.stopped}
 
 
 def compare(results: dict[str, Any]) -> dict[str, Any]:
@@ -488,9 +573,22 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
             "added_p99_ms_c32": minus(proxy, "chat_c32", "p99_ms"),
             "added_ttfc_p50_ms": minus(proxy, "stream_c32", "ttfc_p50_ms"),
             "added_ttfc_p99_ms": minus(proxy, "stream_c32", "ttfc_p99_ms"),
+            "added_p50_ms_c1_responses": minus(proxy, "responses_c1", "p50_ms"),
+            "added_first_event_p99_ms_responses": minus(proxy, "responses_stream_c32", "ttfc_p99_ms"),
             "added_gap_p99_ms": minus(proxy, "stream_c32", "gap_p99_ms"),
             "rps_c1_vs_direct": ratio(results[proxy]["chat_c1"]["rps"], direct["chat_c1"]["rps"]),
             "rps_c32_vs_direct": ratio(results[proxy]["chat_c32"]["rps"], direct["chat_c32"]["rps"]),
+        }
+    if MEMORY in results:  # what memory adds to Lightwire itself
+        out[MEMORY] = {
+            "added_p50_ms_c1_vs_lightwire": round(
+                results[MEMORY]["chat_c1"]["p50_ms"] - results["lightwire"]["chat_c1"]["p50_ms"], 3
+            ),
+            "added_p50_ms_c32_vs_lightwire": round(
+                results[MEMORY]["chat_c32"]["p50_ms"] - results["lightwire"]["chat_c32"]["p50_ms"], 3
+            ),
+            "cpu_ms_per_request_c32": results[MEMORY]["chat_c32"].get("server_cpu_ms_per_request"),
+            "lightwire_cpu_ms_per_request_c32": results["lightwire"]["chat_c32"].get("server_cpu_ms_per_request"),
         }
     out["lightwire_vs_litellm_rps_c32"] = ratio(
         results["lightwire"]["chat_c32"]["rps"], results["litellm"]["chat_c32"]["rps"]
@@ -498,21 +596,31 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def goals(overhead: dict[str, Any], spans: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def goals(overhead: dict[str, Any], spans: dict[str, Any], profile: Profile) -> dict[str, dict[str, Any]]:
     def at_most(value: float | None, limit: float) -> dict[str, Any]:
         return {"value": value, "limit": limit, "met": value is not None and value <= limit}
 
     speedup = overhead["lightwire_vs_litellm_rps_c32"]
-    return {
+    out = {
         "added_p50_ms_c1": at_most(overhead["lightwire"]["added_p50_ms_c1"], MAX_ADDED_P50_MS),
         "rps_c32_vs_litellm": {
             "value": speedup,
             "limit": MIN_RPS_VS_LITELLM,
             "met": speedup is not None and speedup >= MIN_RPS_VS_LITELLM,
         },
-        "added_ttfc_p99_ms": at_most(overhead["lightwire"]["added_ttfc_p99_ms"], MAX_ADDED_TTFC_P99_MS),
+        "added_ttfc_p99_ms": at_most(overhead["lightwire"]["added_ttfc_p99_ms"], profile.added_ttfc_p99_limit_ms),
+        "responses_added_p50_ms_c1": at_most(overhead["lightwire"]["added_p50_ms_c1_responses"], MAX_ADDED_P50_MS),
+        "responses_added_first_event_p99_ms": at_most(
+            overhead["lightwire"]["added_first_event_p99_ms_responses"], profile.added_ttfc_p99_limit_ms
+        ),
         "rows_equal_requests": {"value": f"{spans['rows']}/{spans['requests_sent']}", "met": spans["equal"]},
     }
+    if profile.added_p99_c32_limit_ms is not None:
+        out["added_p99_ms_c32"] = at_most(overhead["lightwire"]["added_p99_ms_c32"], profile.added_p99_c32_limit_ms)
+    if MEMORY in overhead:
+        added = overhead[MEMORY]["added_p50_ms_c1_vs_lightwire"]
+        out["memory_added_p50_ms_c1"] = at_most(added, MAX_MEMORY_ADDED_P50_MS)
+    return out
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -525,44 +633,61 @@ def summary(report: dict[str, Any]) -> str:
         value = g[name]["value"]
         return "n/a" if value is None else f"{value:+.3f}"
 
+    tail = ""
+    if "added_p99_ms_c32" in g:
+        limit = g["added_p99_ms_c32"]["limit"]
+        tail = f"{added('added_p99_ms_c32')} ms p99 at c=32 (<= {limit:g} ms: {mark('added_p99_ms_c32')}); "
+    rss = report["memory"]["lightwire"]
+    longest = [stall["ms"] for stall in report["lightwire_event_loop"]["longest"][:3]]
     return (
         f"Lightwire: {added('added_p50_ms_c1')} ms p50 at c=1 "
         f"(<= {MAX_ADDED_P50_MS:g} ms: {mark('added_p50_ms_c1')}); "
         f"{g['rps_c32_vs_litellm']['value']}x LiteLLM req/s at c=32 (>= {MIN_RPS_VS_LITELLM:g}x: "
         f"{mark('rps_c32_vs_litellm')}); {added('added_ttfc_p99_ms')} ms first-chunk p99 "
-        f"(<= {MAX_ADDED_TTFC_P99_MS:g} ms: {mark('added_ttfc_p99_ms')}); spans {g['rows_equal_requests']['value']} "
-        f"rows/requests ({mark('rows_equal_requests')}); {report['wall_s']:.0f} s, other processes took "
+        f"(<= {g['added_ttfc_p99_ms']['limit']:g} ms: {mark('added_ttfc_p99_ms')}); {tail}"
+        f"Responses: {added('responses_added_p50_ms_c1')} ms p50 at c=1 ({mark('responses_added_p50_ms_c1')}), "
+        f"{added('responses_added_first_event_p99_ms')} ms first-event p99 "
+        f"({mark('responses_added_first_event_p99_ms')}); "
+        f"spans {g['rows_equal_requests']['value']} rows/requests ({mark('rows_equal_requests')}); RSS "
+        f"{rss['rss_mb_start']} -> {rss['rss_mb_end']} MB; longest loop stalls {longest} ms; "
+        f"{report['wall_s']:.0f} s, other processes took "
         f"{report['machine_during_runs']['other_processes_cpu_share']:.0%} of the CPU"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="one short round (a smoke test, under a minute)")
+    parser = report_cli.parser(__doc__ or "")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one short round (a smoke test, under a minute)")
+    mode.add_argument("--pin", action="store_true", help="issue 16's table: pinned, 5 s runs, 50-chunk streams")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs (see the module docstring)")
     parser.add_argument("--workdir", type=Path, help="keep logs, config and the DuckDB file here (default: a temp dir)")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        help="also measure Lightwire with an active memory bank of this many trajectories",
+    )
     args = parser.parse_args()
 
-    profile = QUICK if args.quick else FULL
+    name = "quick" if args.quick else "pin" if args.pin else "full"
+    profile = PROFILES[name]
     can_pin = {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0) and shutil.which("taskset") is not None
+    if args.pin and not (can_pin and not args.no_pin):
+        parser.error(f"--pin needs CPUs {LOADGEN_CPU} and {PROXY_CPU} and taskset, and excludes --no-pin")
     pin = can_pin and not args.no_pin
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir.resolve()
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lightwire-bench-")))
-        run = asyncio.run(bench(profile, pin, workdir))
+        workdir = report_cli.work_dir(stack, args.workdir, "lightwire-bench-")
+        run = asyncio.run(bench(profile, pin, workdir, args.memory))
     report: dict[str, Any] = {
         "settings": {
-            "profile": "quick" if args.quick else "full",
+            "profile": name,
+            "memory_trajectories": args.memory,
             "rounds": profile.rounds,
             "run_s": profile.run_s,
-            "stream": {"chunks": STREAM_CHUNKS, "chunk_delay_s": CHUNK_DELAY_S},
+            "stream": {"chunks": profile.stream_chunks, "chunk_delay_s": profile.chunk_delay_s},
             "cpus": PLACEMENT if pin else "not pinned",
             "versions": {
                 "python": sys.version.split()[0],
@@ -572,13 +697,9 @@ def main() -> None:
         **run,
     }
     report["overhead"] = compare(run["results"])
-    report["goals"] = goals(report["overhead"], run["spans"])
+    report["goals"] = goals(report["overhead"], run["spans"], profile)
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    print(summary(report))
+    report_cli.emit(report, args.out, summary(report))
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
-    from proxy.embedded import prepare_default_model
+    from optimizers.embedded import prepare_default_model
 
     model_dir = prepare_default_model(default_cache_dir())
     from transformers import AutoTokenizer

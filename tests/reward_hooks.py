@@ -20,3 +20,13 @@ def prefers_base(span: dict[str, Any]) -> float:
 def is_sample(span: dict[str, Any]) -> float:
     """The sidecar's extra samples score 1, clients' own answers 0: a group whose rewards differ."""
     return 1.0 if span.get("session_source") == "sample" else 0.0
+
+
+def turns(session: dict[str, Any]) -> float:
+    """A session hook: the number of calls the session made."""
+    return float(len(session["spans"]))
+
+
+def without_examples(span: dict[str, Any]) -> float:
+    """An answer to a bare prompt (system and question only) scores 1; one given worked examples scores 0."""
+    return 1.0 if len(span["request"]["messages"]) <= 2 else 0.0

@@ -48,6 +48,7 @@ SHM_SIZE = "1g"  # what compose.yaml gives it: vLLM does not start in Docker's d
 MIN_SHM_BYTES = 256 * 2**20
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 IN_FLIGHT_TOKENS = 96
+ADMIN_KEY = "lw-test-admin-key"  # the image listens on 0.0.0.0: without an admin key its admin API is off
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(PREPARE_TIMEOUT_S + BUILD_TIMEOUT_S + 900)]
 
@@ -204,7 +205,7 @@ async def test_the_image_serves_records_and_flushes_every_row_on_sigterm(image: 
     db = PurePosixPath(image["LIGHTWIRE_DB"])
     code, output = await run(
         "docker", "run", "--detach", "--name", container, "--label", owner, "--network", "host", "--shm-size", SHM_SIZE,
-        "--env", f"LIGHTWIRE_PORT={port}",
+        "--env", f"LIGHTWIRE_PORT={port}", "--env", f"LIGHTWIRE_ADMIN_KEY={ADMIN_KEY}",
         "--volume", f"{data}:{db.parent}", "--volume", f"{adapters}:{image['LIGHTWIRE_ADAPTERS_DIR']}", IMAGE,
     )  # fmt: skip
     assert code == 0, output
@@ -230,12 +231,17 @@ async def test_the_image_serves_records_and_flushes_every_row_on_sigterm(image: 
         )
         answer, span_id = raw.parse(), raw.headers["x-lightwire-span-id"]
         assert "Paris" in (answer.choices[0].message.content or "")
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         async with aiohttp.ClientSession() as http:
             feedback = [{"response_id": answer.id, "reward": 1}, {"span_id": span_id, "reward": 0, "name": "thumbs"}]
             for body in feedback:
-                async with http.post(root + "/feedback", json=body) as resp:
+                async with http.post(root + "/feedback", json=body, headers=admin) as resp:
                     assert resp.status == 200, await resp.text()
                     assert (await resp.json())["span_id"] == span_id
+            async with http.get(root + "/admin/stats") as resp:
+                assert resp.status == 401  # the admin key guards the admin API
+            async with http.get(root + "/admin/stats", headers=admin) as resp:
+                assert resp.status == 200 and (await resp.json())["spans"] == 4, await resp.text()
 
         # A stream in flight when `docker stop` sends SIGTERM is finished, then everything is written.
         stream = await client.chat.completions.create(
@@ -292,6 +298,8 @@ def test_compose_file_validates_and_wires_agent_volumes_and_vllm_to_the_sidecar(
     assert str(PurePosixPath(image["LIGHTWIRE_DB"]).parent) in mounts
     assert image["LIGHTWIRE_ADAPTERS_DIR"] in mounts
     assert sidecar["environment"]["LIGHTWIRE_VLLM"] == ""  # the embedded model
+    keyed = compose_config(LIGHTWIRE_ADMIN_KEY=ADMIN_KEY)["services"]["lightwire"]
+    assert keyed["environment"]["LIGHTWIRE_ADMIN_KEY"] == ADMIN_KEY  # the operator's key reaches the sidecar
     assert int(sidecar["shm_size"]) >= MIN_SHM_BYTES
     defaults = settings.load(environ={})
     assert seconds(sidecar["stop_grace_period"]) > defaults.shutdown_timeout + DEFAULT_STOP_GRACE_S
@@ -304,3 +312,22 @@ def test_compose_file_validates_and_wires_agent_volumes_and_vllm_to_the_sidecar(
     assert (mounts[adapters], adapters) in {(v["source"], v["target"]) for v in vllm["volumes"]}
     assert "--enable-lora" in vllm["command"]
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_compose_fleet_profile_wires_two_sidecars_one_learner_and_vllm_to_one_share(image: dict[str, str]) -> None:
+    env = {"LIGHTWIRE_SHARE": "/share", "LIGHTWIRE_VLLM": "http://fleet-vllm:8000/v1"}
+    services = compose_config("--profile", "fleet", **env)["services"]
+    assert {"lightwire", "agent", "lightwire-b", "agent-b", "learner", "fleet-vllm"} <= set(services)
+    sidecars, learner = [services["lightwire"], services["lightwire-b"]], services["learner"]
+    for service in [*sidecars, learner]:
+        assert service["environment"]["LIGHTWIRE_SHARE"] == "/share"
+        assert service["environment"]["LIGHTWIRE_VLLM"] == "http://fleet-vllm:8000/v1"
+        assert ("lightwire-share", "/share") in {(v["source"], v["target"]) for v in service["volumes"]}
+    assert learner["command"] == ["learn"]
+    assert services["agent-b"]["environment"]["OPENAI_BASE_URL"] == "http://lightwire-b:8400/v1"
+    # each sidecar and the learner keep their own DuckDB file; vLLM reads the learner's versions at their path
+    stores = [{v["target"]: v["source"] for v in s["volumes"]}["/data"] for s in [*sidecars, learner]]
+    assert len(set(stores)) == 3
+    adapters = image["LIGHTWIRE_ADAPTERS_DIR"]
+    assert ("lightwire-adapters", adapters) in {(v["source"], v["target"]) for v in services["fleet-vllm"]["volumes"]}
+    assert "--enable-lora" in services["fleet-vllm"]["command"]

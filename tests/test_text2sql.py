@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from examples import harness
 from examples.text2sql import agent, db, service, tasks
 from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
@@ -236,9 +237,10 @@ async def test_a_bad_query_is_sent_back_and_retried_and_the_turns_are_one_sessio
     task = task_of("customers_in_city")
     fake.replies = Script(MODEL, ["SELECT nme FROM customers", "```sql\nSELECT nam FROM customers;\n```", task.sql])
     async with httpx.AsyncClient() as http:
-        [outcome] = await service.run_tasks(
-            sdk(proxy), [task], shop, model=MODEL, temperature=1.0, feedback=http, url=service.feedback_url(proxy.url)
-        )
+        [outcome] = await harness.run_tasks(
+            sdk(proxy), service.example(shop), [task], model=MODEL, temperature=1.0, feedback=http,
+            url=harness.feedback_url(proxy.url),
+        )  # fmt: skip
     attempt = outcome.attempt
     assert attempt.sqls == ["SELECT nme FROM customers", "SELECT nam FROM customers", task.sql]
     assert [t.error for t in attempt.turns] == ["no such column: nme", "no such column: nam", None]
@@ -265,9 +267,9 @@ async def test_the_agent_gives_up_after_three_turns_and_gets_reward_zero(
     proxy = await start_proxy(fake.url)
     fake.replies = {MODEL: "I am not sure which table to use."}
     async with httpx.AsyncClient() as http:
-        [outcome] = await service.run_tasks(
-            sdk(proxy), [task_of("youngest_customers")], shop, model=MODEL, temperature=1.0, feedback=http,
-            url=service.feedback_url(proxy.url),
+        [outcome] = await harness.run_tasks(
+            sdk(proxy), service.example(shop), [task_of("youngest_customers")], model=MODEL, temperature=1.0,
+            feedback=http, url=harness.feedback_url(proxy.url),
         )  # fmt: skip
     assert outcome.attempt.sqls == [None, None, None] and outcome.attempt.rows is None
     assert "no SQL query found" in fake.requests[2].body["messages"][-1]["content"]
@@ -281,7 +283,9 @@ async def test_concurrent_attempts_stay_in_their_own_sessions(fake: FakeUpstream
     proxy = await start_proxy(fake.url)
     fake.replies = {MODEL: "SELECT nme FROM customers"}  # every attempt: 3 failing turns, identical histories too
     questions = tasks.questions("train", 6) * 2
-    outcomes = await service.run_tasks(sdk(proxy), questions, shop, model=MODEL, temperature=1.0, feedback=None)
+    outcomes = await harness.run_tasks(
+        sdk(proxy), service.example(shop), questions, model=MODEL, temperature=1.0, feedback=None
+    )
     spans = await proxy.spans()
     assert len(outcomes) == 12 and len(spans) == 36
     sessions: dict[str, list[int]] = {}
@@ -294,7 +298,9 @@ async def test_heldout_evaluation_posts_no_feedback(fake: FakeUpstream, start_pr
     proxy = await start_proxy(fake.url)
     heldout = tasks.questions("heldout", 5)
     fake.replies = {MODEL: heldout[0].sql}
-    outcomes = await service.run_tasks(sdk(proxy), heldout, shop, model=MODEL, temperature=0.0, feedback=None)
+    outcomes = await harness.run_tasks(
+        sdk(proxy), service.example(shop), heldout, model=MODEL, temperature=0.0, feedback=None
+    )
     assert [o.reward for o in outcomes] == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert not any(o.posted for o in outcomes)
     assert len(await proxy.spans()) == 5

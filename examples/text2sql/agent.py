@@ -17,13 +17,14 @@ import contextlib
 import re
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import openai
 
+from examples import harness
 from examples.text2sql.tasks import Task
 
 MAX_TURNS = 3
@@ -54,12 +55,8 @@ class Turn:
     error: str | None = None
 
 
-@dataclass
-class Attempt:
+class Attempt(harness.Attempt[Turn]):
     """All the turns of one question; the answer is the last turn's rows (``None`` when every turn failed)."""
-
-    question: str
-    turns: list[Turn] = field(default_factory=list)
 
     @property
     def rows(self) -> list[tuple[Any, ...]] | None:
@@ -68,14 +65,6 @@ class Attempt:
     @property
     def sqls(self) -> list[str | None]:
         return [turn.sql for turn in self.turns]
-
-    @property
-    def response_ids(self) -> list[str]:
-        return [turn.response_id for turn in self.turns]
-
-    @property
-    def last_response_id(self) -> str | None:
-        return self.turns[-1].response_id if self.turns else None
 
 
 async def solve(

@@ -23,22 +23,18 @@ The reference SQL is for the reward only: the service compares result sets; the 
 
 from __future__ import annotations
 
-import random
-import re
-import string
 from dataclasses import dataclass
-from typing import Literal
 
+from examples import templates
 from examples.text2sql import db
 
-Split = Literal["train", "heldout"]
-SPLITS: tuple[Split, ...] = ("train", "heldout")
+Split = templates.Split
+SPLITS = templates.SPLITS
 FAMILIES = ("filter", "aggregate", "group", "join", "order")
 # The order questions cycle through families: single-table questions twice as often, as they are the ones a small
 # model solves now and then before learning (so rewards vary), while every family stays in the mix.
 FAMILY_CYCLE = ("filter", "aggregate", "group", "filter", "aggregate", "join", "order")
 DEFAULT_SEED = 0
-HELDOUT_FRACTION = 1 / 3  # of each value pool
 
 # Slot -> every value it may take. Thresholds are chosen so that every question has a non-empty answer.
 VALUES: dict[str, tuple[object, ...]] = {
@@ -65,7 +61,7 @@ class Template:
 
     @property
     def slots(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(field for _, field, _, _ in string.Formatter().parse(self.sql) if field))
+        return templates.slots(self.sql)
 
 
 @dataclass(frozen=True)
@@ -318,73 +314,33 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 
+GENERATOR = templates.Generator("text2sql", TEMPLATES, FAMILY_CYCLE, VALUES)
+
+
 def value_pools(split: Split, seed: int = DEFAULT_SEED) -> dict[str, tuple[object, ...]]:
     """The values each slot takes in ``split``: about a third of every pool is held out, the rest is training's."""
-    pools = {}
-    for slot, values in VALUES.items():
-        shuffled = list(values)
-        random.Random(f"text2sql-values:{seed}:{slot}").shuffle(shuffled)
-        cut = max(1, round(len(shuffled) * HELDOUT_FRACTION))
-        pools[slot] = tuple(shuffled[:cut] if split == "heldout" else shuffled[cut:])
-    return pools
+    return GENERATOR.pools(split, seed)
 
 
 def phrasings(template: Template, split: Split, seed: int = DEFAULT_SEED) -> tuple[str, ...]:
     """The phrasings ``split`` uses: training lacks one (chosen by the seed), held out uses all."""
-    if split == "heldout":
-        return template.phrasings
-    kept = random.Random(f"text2sql-phrasing:{seed}:{template.name}").randrange(len(template.phrasings))
-    return tuple(p for i, p in enumerate(template.phrasings) if i != kept)
+    return GENERATOR.phrasings(template, split, seed)
 
 
 def questions(split: Split, n: int, seed: int = DEFAULT_SEED) -> list[Task]:
     """``n`` questions of ``split``, cycling through :data:`FAMILY_CYCLE` and, within a family, its templates."""
-    rng = random.Random(f"text2sql-questions:{seed}:{split}")
-    pools = value_pools(split, seed)
-    by_family = {family: [t for t in TEMPLATES if t.family == family] for family in FAMILIES}
-    for templates in by_family.values():
-        rng.shuffle(templates)
-    tasks = []
-    seen = dict.fromkeys(FAMILIES, 0)
-    for i in range(n):
-        family = FAMILY_CYCLE[i % len(FAMILY_CYCLE)]
-        templates = by_family[family]
-        template = templates[seen[family] % len(templates)]
-        seen[family] += 1
-        values = {slot: rng.choice(pools[slot]) for slot in template.slots}
-        question = rng.choice(phrasings(template, split, seed)).format(**values)
-        sql = template.sql.format(**values)
-        tasks.append(Task(f"{split}-{i}", question, sql, family, template.name, split))
-    return tasks
+    return [
+        Task(f"{split}-{i}", question, template.sql.format(**values), template.family, template.name, split)
+        for i, (template, values, question) in enumerate(GENERATOR.draw(split, n, seed))
+    ]
 
 
 def find(question: str) -> Task | None:
     """The task a question text was made from (its template and slot values), or None: how a judge that sees only
     the recorded call (a reward hook) recovers the reference query. Works for both splits, any seed."""
-    for template, pattern in _PATTERNS:
-        match = pattern.fullmatch(question.strip())
-        if match is None:
-            continue
-        values = {}
-        for slot, text in match.groupdict().items():
-            value = next((v for v in VALUES[slot] if str(v) == text), None)
-            if value is None:
-                break
-            values[slot] = value
-        else:
-            split: Split = "train" if all(values[s] in value_pools("train")[s] for s in values) else "heldout"
-            task_id = f"{template.name}:" + ",".join(f"{s}={v}" for s, v in values.items())
-            return Task(task_id, question, template.sql.format(**values), template.family, template.name, split)
-    return None
-
-
-def _pattern(phrasing: str) -> re.Pattern[str]:
-    parts = []
-    for literal, slot, _, _ in string.Formatter().parse(phrasing):
-        parts.append(re.escape(literal))
-        if slot:
-            parts.append(f"(?P<{slot}>.+?)")
-    return re.compile("".join(parts))
-
-
-_PATTERNS = tuple((t, _pattern(p)) for t in TEMPLATES for p in t.phrasings)
+    found = GENERATOR.match(question)
+    if found is None:
+        return None
+    template, values, split = found
+    task_id = f"{template.name}:" + ",".join(f"{s}={v}" for s, v in values.items())
+    return Task(task_id, question, template.sql.format(**values), template.family, template.name, split)

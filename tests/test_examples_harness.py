@@ -1,0 +1,159 @@
+"""What the example agents share: the question generator, the service's plumbing, and the demo's loop run against
+a real Lightwire whose policy is the fake vLLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from bench import learning
+from examples import demo, harness, templates
+from examples.extraction import service as extraction
+from examples.extraction import tasks
+from tests.conftest import Proxy, read_rows
+from tests.fake_upstream import FakeUpstream
+
+
+class Loud(str):
+    """A value that ``{slot:!}`` writes in capitals."""
+
+    def __format__(self, spec: str) -> str:
+        return self.upper() if spec == "!" else str(self)
+
+
+GENERATOR = templates.Generator(
+    "test",
+    (
+        tasks.Template("greet", "easy", ("Hello {who}.", "Hi {who}!", "Hey {who:!}!")),
+        tasks.Template("move", "hard", ("{who} went to {where}.", "{who:!} drove to {where}.")),
+    ),
+    ("easy", "easy", "hard"),
+    {"who": tuple(Loud(n) for n in ("ann", "bob", "cid", "dan", "eve", "fay")), "where": ("x", "y", "z")},
+)
+
+
+# -- the generator -----------------------------------------------------------------------------------------
+
+
+def test_pools_split_every_slot_in_two_fixed_by_the_seed() -> None:
+    for seed in (0, 1):
+        train, heldout = GENERATOR.pools("train", seed), GENERATOR.pools("heldout", seed)
+        for slot, values in GENERATOR.values.items():
+            assert sorted(train[slot] + heldout[slot]) == sorted(values)
+            assert len(heldout[slot]) == round(len(values) / 3)
+    assert GENERATOR.pools("train", 0) == GENERATOR.pools("train", 0)
+    assert any(GENERATOR.pools("train", s) != GENERATOR.pools("train", 0) for s in range(1, 5))
+
+
+def test_questions_cycle_through_the_families_and_read_back_into_their_values() -> None:
+    drawn = GENERATOR.draw("heldout", 30, seed=0)
+    assert [t.family for t, _, _ in drawn[:6]] == ["easy", "easy", "hard"] * 2
+    assert GENERATOR.draw("heldout", 10, seed=0) == drawn[:10]
+    assert GENERATOR.draw("heldout", 10, seed=1) != drawn[:10]
+    assert {t.name for t, _, _ in drawn} == {"greet", "move"}
+    for template, values, question in drawn:
+        assert GENERATOR.match(question) == (template, values, "heldout")
+    train = GENERATOR.draw("train", 60, seed=0)
+    for template, values, question in train:
+        assert GENERATOR.match(question) == (template, values, "train")
+    assert not {q for _, _, q in train} & {q for _, _, q in drawn}
+    withheld = {p for t in GENERATOR.templates for p in t.phrasings} - {
+        p for t in GENERATOR.templates for p in GENERATOR.phrasings(t, "train", 0)
+    }
+    assert len(withheld) == 2 and withheld <= {p for t, _, q in drawn for p in t.phrasings}
+    template, values, _ = GENERATOR.match("Hey ANN!")
+    assert (template.name, values) == ("greet", {"who": "ann"})  # the spec wrote it in capitals
+    assert GENERATOR.match("Hey ann!") is None  # no value is written so with that spec
+    assert GENERATOR.match("Hello nobody.") is None
+
+
+# -- the service's plumbing --------------------------------------------------------------------------------
+
+
+def test_feedback_is_found_beside_the_base_url_and_repeats_get_their_own_ids() -> None:
+    assert harness.feedback_url("http://h:8400/v1") == "http://h:8400/feedback"
+    assert harness.feedback_url("http://h:8400/v1/") == "http://h:8400/feedback"
+    assert harness.feedback_url("http://h/s/abc/v1") == "http://h/feedback"
+    first, second = tasks.questions("train", 2)
+    repeated = harness.repeat([first, second], 2)
+    assert [t.id for t in repeated] == ["train-0.0", "train-0.1", "train-1.0", "train-1.1"]
+    assert [t.question for t in repeated] == [first.question] * 2 + [second.question] * 2
+
+
+def test_the_table_counts_successes_per_family_in_order() -> None:
+    heldout = tasks.questions("heldout", 5)
+    rewards = [1.0, 0.75, 1.0, 0.0, 0.0]
+    outcomes = [harness.Outcome(t, None, r, posted=False) for t, r in zip(heldout, rewards, strict=True)]
+    assert harness.success_by_family(outcomes, tasks.FAMILIES) == {
+        "plain": (1, 2), "words": (0, 1), "reordered": (1, 1), "distractor": (0, 1), "all": (2, 5),
+    }  # fmt: skip
+
+
+async def test_a_task_whose_call_fails_is_left_out_and_the_others_keep_their_order(
+    fake: FakeUpstream, start_proxy
+) -> None:
+    proxy: Proxy = await start_proxy(fake.url)
+    heldout = tasks.questions("heldout", 4)
+    fake.replies = {"good": json.dumps(heldout[2].answer)}
+    fake.failures = {"bad": 500}
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    example = extraction.EXAMPLE
+    outcomes = await harness.run_tasks(client, example, heldout, model="good", temperature=0.0, feedback=None)
+    assert [o.task.id for o in outcomes] == [t.id for t in heldout]
+    assert [o.solved for o in outcomes] == [False, False, True, False]
+    assert await harness.run_tasks(client, example, heldout, model="bad", temperature=0.0, feedback=None) == []
+    lines = harness.report(outcomes, tasks.FAMILIES).splitlines()
+    assert lines[-2].split() == ["all", "1/4", "25%"]
+    mean = sum(o.reward for o in outcomes) / 4
+    assert lines[-1] == f"mean reward {mean:.2f}; mean turns 1.00; feedback posted for 0 of 4"
+
+
+# -- the demo's loop ---------------------------------------------------------------------------------------
+
+
+async def test_a_round_with_serve_defaults_measures_works_and_records(
+    vllm_fake: FakeUpstream, start_proxy, tmp_path: Path
+) -> None:
+    """One round of the loop against a sidecar whose policy is the fake vLLM: held-out measured before and
+    after, every training attempt rewarded, the table, ``rounds.json`` and the curve written; the demo starts no
+    run of its own (with the demo's settings it does: ``tests/test_demo.py``, on the real model)."""
+    proxy: Proxy = await start_proxy("", vllm=(vllm_fake.url,), optimize=False)
+    heldout = tasks.questions("heldout", 8)
+    vllm_fake.replies = {"fake-model": json.dumps(heldout[0].answer)}
+    options = demo.Options(
+        task="extraction", serve_defaults=True, workdir=tmp_path, rounds=1, heldout=8, questions=4,
+        samples=2,
+    )  # fmt: skip
+    said: list[str] = []
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    async with client, httpx.AsyncClient(timeout=60) as admin:
+        rounds = await demo.Rounds(options, tmp_path, extraction.EXAMPLE, proxy.url, client, admin, said.append).run()
+    base, first = rounds
+    assert (base.round, base.version, first.round) == (0, "base", 1)
+    assert base.heldout_solved["all"] == first.heldout_solved["all"] == [1, 8]
+    assert base.heldout["plain"] == 0.5 and first.train_attempts == 8
+    assert (first.version, first.canary, first.run["status"]) == ("base", None, None)  # no run: optimize is off
+    assert said[0].split()[:4] == ["round", "version", "held-out", *tasks.FAMILIES[:1]]
+    assert [line.split()[0] for line in said[1:]] == ["0", "1"]
+    report = json.loads((tmp_path / "rounds.json").read_text())
+    assert report["options"]["serve_defaults"] == "True" and len(report["rounds"]) == 2
+    assert (tmp_path / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+    await proxy.stop()
+    rewards = read_rows(proxy.config.db, "SELECT value FROM feedback")
+    assert len(rewards) == 8 and sum(r["value"] for r in rewards) / 8 == pytest.approx(first.train_reward)
+
+
+@pytest.mark.parametrize(("task", "gain", "met"), [("extraction", 27.5, True), ("text2sql", 27.5, False)])
+def test_the_learning_report_checks_the_task_s_own_target(task: str, gain: float, met: bool) -> None:
+    def row(number: int, minutes: float, rate: float) -> demo.Round:
+        return demo.Round(number, f"v{number}", minutes, {"all": rate}, {"all": [round(40 * rate), 40]})
+
+    rounds = [row(0, 0.5, 0.40), row(1, 10.0, 0.40 + gain / 100), row(2, 21.0, 0.95)]  # the last: too late
+    report = learning.report(rounds, demo.Options(task=task, serve_defaults=True), 1300.0, 2.0)
+    assert report["target"]["gain_points"] == gain and report["target"]["met"] is met
+    assert report["target"]["best_within_target_time"] == {"version": "v1", "minutes": 10.0}
+    assert report["options"]["task"] == task and report["options"]["serve_defaults"] == "True"
