@@ -162,9 +162,10 @@ class Rounds:
     async def measure(self, number: int) -> Round:
         """Held-out success of the active version: every held-out question once, greedily, no reward posted."""
         began = time.monotonic()
-        versions = {"active": "base", "canary": None}
+        active, canary = "base", None
         if number:  # the admin API answers once the policy is ready; round 0 is the base model by definition
             versions = await self._admin("/admin/adapters")
+            active, canary = versions["active"], versions["canary"]
         heldout = self.example.questions("heldout", self.options.heldout, self.options.seed)
         outcomes = await harness.run_tasks(
             self.client, self.example, heldout, model=harness.DEFAULT_MODEL, temperature=0.0, feedback=None,
@@ -178,12 +179,12 @@ class Rounds:
         table = harness.success_by_family(outcomes, self.example.families)
         return Round(
             round=number,
-            version=versions["active"],
+            version=active,
             minutes=(time.monotonic() - self.started) / 60,
             heldout={family: solved / asked for family, (solved, asked) in table.items()},
             heldout_solved={family: [solved, asked] for family, (solved, asked) in table.items()},
             seconds={"measure": time.monotonic() - began},
-            canary=versions["canary"],
+            canary=canary,
         )
 
     async def work(self, number: int) -> tuple[list[harness.Outcome], float]:
