@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REJECTED_SUFFIX = ".rejected.jsonl"  # rows the store refused, for a person to look at and re-import
 BATCH = "lightwire_batch"  # the name an Arrow batch has in the insert statement
+SHARE_SEQ = "share_seq"  # the sequence (and column) that orders rows for shipping to a share (store/segments.py)
 # DuckDB's errors about one row (the others are about the store: I/O, disk full, out of memory...).
 ROW_ERRORS = (duckdb.ConstraintException, duckdb.ConversionException, duckdb.InvalidInputException)
 # What pa.array raises for a value its type cannot hold.
@@ -68,9 +69,14 @@ class Table:
         columns = tuple(columns)
         names = ", ".join(columns)
         schema = con.sql(f"SELECT {names} FROM {name} LIMIT 0").to_arrow_table().schema
-        required = frozenset(row[0] for row in con.execute(f"DESCRIBE {name}").fetchall() if row[2] == "NO")
+        described = con.execute(f"DESCRIBE {name}").fetchall()
+        required = frozenset(row[0] for row in described if row[2] == "NO")
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         sql = f"{verb} INTO {name} ({names}) SELECT {names} FROM {BATCH}"
+        if replace and SHARE_SEQ in {row[0] for row in described} and SHARE_SEQ not in columns:
+            # INSERT OR REPLACE keeps the columns it is not given: a replaced row would keep the sequence number
+            # it shipped under, and its new value (a session's second end) would never reach the share.
+            sql = f"{verb} INTO {name} ({names}, {SHARE_SEQ}) SELECT {names}, nextval('{SHARE_SEQ}') FROM {BATCH}"
         return cls(name, columns, schema, required, sql, replace)
 
     def latest(self, rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:

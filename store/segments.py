@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
+from store.rows import SHARE_SEQ as SEQ
 from store.share import Share
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 # Kind -> how the learner inserts it: spans and feedback are never rewritten, a session may end again.
 KINDS: dict[str, str] = {"spans": "INSERT OR IGNORE", "feedback": "INSERT OR IGNORE", "sessions": "INSERT OR REPLACE"}
 MAX_SEGMENT_ROWS = 50_000
-SEQ = "share_seq"
 
 Connect = Callable[[], duckdb.DuckDBPyConnection]
 
@@ -59,6 +60,9 @@ class Shipper:
         self.shipped_rows = 0
         self.segments = 0
         self.problem: str | None = None  # why the last shipment failed; None once one succeeds
+        # One shipment at a time: cancelling a periodic shipment's task does not stop its thread, and a final
+        # shipment beside it wrote the same staged segment (FileNotFoundError, or a hang inside DuckDB).
+        self._shipping = threading.Lock()
 
     def stats(self) -> dict[str, object]:
         return {
@@ -74,7 +78,7 @@ class Shipper:
         rows stay in the store, and the next shipment tries again)."""
         shipped = 0
         try:
-            with self.connect() as con:
+            with self._shipping, self.connect() as con:
                 for kind in KINDS:
                     while n := self._ship_one(con, kind):
                         shipped += n

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from proxy import config as settings
 from proxy.fleet import registry_of
 from proxy.policy import Policy, Version
 from store.migrations import migrate
-from store.segments import Importer
+from store.segments import Importer, Shipper
 from store.share import Lease, Registry, Share, write_registry
 from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
@@ -92,6 +93,23 @@ async def test_a_sidecar_ships_every_span_feedback_and_session_end_as_segments(t
     assert [m["kind"] for m in marks] == ["feedback", "sessions", "spans"]
 
 
+async def test_shipments_that_overlap_ship_each_row_once(tmp_path: Path, fake) -> None:
+    """A shutdown's last shipment can start while a periodic one still runs in its thread (cancelling a task does
+    not stop its thread): shipments side by side must not write the same staged segment or ship a row twice."""
+    db = tmp_path / "a.duckdb"
+    proxy = await Proxy(settings.load(environ={}, db=db, upstream=fake.url)).start()  # no share: nothing ships
+    spans = [(await call(proxy, f"s{i}"))[0] for i in range(6)]
+    await proxy.stop()
+    share = tmp_path / "share"
+    with duckdb.connect(str(db)) as con:
+        shipper = Shipper(Share(str(share)), con.cursor)
+        with ThreadPoolExecutor(4) as pool:
+            shipped = sum(pool.map(lambda _: shipper.ship(), range(4)))
+    assert shipped == 6 + 6  # six spans and six session ends (open at stop), each once
+    assert sorted(row[0] for row in in_share(share, "SELECT span_id FROM {spans}")) == sorted(spans)
+    assert not list(share.rglob("*.tmp*"))
+
+
 async def test_rows_wait_in_the_store_while_the_share_cannot_take_them(tmp_path: Path, fake) -> None:
     share = tmp_path / "share"
     share.mkdir()
@@ -150,7 +168,7 @@ async def test_the_learner_imports_each_segment_once(tmp_path: Path, fake) -> No
         a = await start(share, tmp_path / "a.duckdb", upstream=fake.url)  # the same sidecar again, one more call
         await call(a, "s")
         await a.stop()
-        assert (first, importer.run(), importer.run()) == (4, 1, 0)  # 3 calls and the session ended at stop; 1 call
+        assert (first, importer.run(), importer.run()) == (4, 2, 0)  # 3 calls, the session ended; 1 call, its 2nd end
         assert con.execute("SELECT count(*), count(DISTINCT span_id) FROM spans").fetchone() == (4, 4)
     assert len({p.name.rsplit("-", 1)[0] for p in (share / "spans").iterdir()}) == 1  # one sidecar id throughout
 
