@@ -181,20 +181,22 @@ class Builder:
         gate = asyncio.Semaphore(EVAL_CONCURRENCY)
         calls = [(prompt.model, prompt.messages) for prompt in prompts]
 
-        async def score(model: str, messages: list[dict[str, Any]]) -> float | None:
+        async def score(prompt: Prompt, sent: list[dict[str, Any]]) -> float | None:
             async with gate:
-                return await self._score(model, messages)
+                return await self._score(prompt, sent)
 
         scores: dict[str, list[float | None]] = {}  # None: the call failed
         for arm, bank in (("active", self.publisher.active_version), ("candidate", version)):
             sent = await self.publisher.with_examples(bank, calls)
-            scores[arm] = list(await asyncio.gather(*(score(p.model, m) for p, m in zip(prompts, sent, strict=True))))
+            scores[arm] = list(await asyncio.gather(*(score(p, m) for p, m in zip(prompts, sent, strict=True))))
         return offline_decision(scores, self.judges)
 
-    async def _score(self, model: str, messages: list[dict[str, Any]]) -> float | None:
-        body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": EVAL_MAX_TOKENS}
-        status, response = await self.complete(body)
-        return await judge(self.judges, body, response, status)
+    async def _score(self, prompt: Prompt, sent: list[dict[str, Any]]) -> float | None:
+        """Replay ``prompt`` with a bank's examples (``sent``); the judges see the call as the client made it, as
+        a span records it: a judge that reads the agent's question by position must not read an example's."""
+        body = {"model": prompt.model, "temperature": 0, "max_tokens": EVAL_MAX_TOKENS}
+        status, response = await self.complete({**body, "messages": sent})
+        return await judge(self.judges, {**body, "messages": prompt.messages}, response, status)
 
     async def _online(self, version: str) -> dict[str, Any]:
         await self.publisher.start_canary(version, self.config.eval_canary_fraction)

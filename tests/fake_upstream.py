@@ -22,6 +22,7 @@ Each request may steer it with headers (the proxy passes unknown headers through
 
 ``replies`` maps a model name to the content answered to requests for that model, like ``x-fake-content``, and
 ``failures`` to an error status, like ``x-fake-status``, for clients that cannot set headers (litellm).
+``reply_to`` answers a chat call with the content it makes of the request's messages (a model that reads them).
 ``/v1/responses`` speaks the Responses API, streams too (:mod:`tests.fake_responses`); other paths are answered
 by :meth:`FakeUpstream.other`.
 ``delays`` holds the seconds that the first requests, in the order they arrive, wait before their answer: for
@@ -46,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,7 @@ class FakeUpstream:
     disconnects: int = 0  # requests whose client went away before the response was complete
     replies: dict[str, str] = field(default_factory=dict)  # model -> content of its answers
     failures: dict[str, int] = field(default_factory=dict)  # model -> the error status it answers with
+    reply_to: Callable[[list[dict[str, Any]]], str] | None = None  # chat messages -> the content of the answer
     delays: list[float] = field(default_factory=list)  # seconds the first requests wait, in order of arrival
     keep_requests: bool = True  # False: count them only (a long benchmark would fill memory with them)
     received: int = 0
@@ -212,6 +215,8 @@ class FakeUpstream:
                 request.transport.abort()
                 return web.Response()
             content = h.get("x-fake-content", self.replies.get(body.get("model", "")))
+            if content is None and self.reply_to is not None and operation == "chat":
+                content = self.reply_to(body["messages"])
             if operation == "responses":
                 return await self._respond(request, body, content)
             if body.get("stream"):

@@ -27,6 +27,19 @@ def turns(session: dict[str, Any]) -> float:
     return float(len(session["spans"]))
 
 
-def without_examples(span: dict[str, Any]) -> float:
-    """An answer to a bare prompt (system and question only) scores 1; one given worked examples scores 0."""
-    return 1.0 if len(span["request"]["messages"]) <= 2 else 0.0
+def _answer(span: dict[str, Any]) -> str:
+    return str(span["response"]["choices"][0]["message"]["content"])
+
+
+def _questions(span: dict[str, Any]) -> list[str]:
+    return [m["content"] for m in span["request"]["messages"] if m["role"] == "user"]
+
+
+def repeats_the_question(span: dict[str, Any]) -> float:
+    """The answer repeats the question the call asked (its last user message): 1, otherwise 0."""
+    return 1.0 if _answer(span) == _questions(span)[-1] else 0.0
+
+
+def repeats_the_first_question(span: dict[str, Any]) -> float:
+    """Reads the question by position, as a judge of a one-question agent may: the first user message."""
+    return 1.0 if _answer(span) == _questions(span)[0] else 0.0

@@ -197,14 +197,38 @@ async def test_offline_replays_go_over_the_connection_the_calls_left_open(fake: 
     assert len(ports) == 1 + len(SOLVED) + 2 and set(ports) == {ports[0]}
 
 
+def first_question(messages: list[dict[str, Any]]) -> str:
+    """A model that worked examples confuse: it answers by repeating the first question it is sent."""
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
+def last_question(messages: list[dict[str, Any]]) -> str:
+    """A model that answers the question asked (by repeating it), whatever examples come before it."""
+    return [m["content"] for m in messages if m["role"] == "user"][-1]
+
+
 async def test_a_bank_that_judges_find_worse_is_retired_and_never_serves(fake: FakeUpstream, start_proxy: Any) -> None:
-    proxy = await memory_proxy(fake, start_proxy, eval_hooks=("tests.reward_hooks:without_examples",))
+    fake.reply_to = first_question  # given an example, it answers the example's question
+    proxy = await memory_proxy(fake, start_proxy, eval_hooks=("tests.reward_hooks:repeats_the_question",))
     await work(proxy, SOLVED, 1.0)
     await work(proxy, {"How many orders were shipped to Rome?": "SELECT 1;"}, 1.0)
     run = await api(proxy, "POST", "/admin/memory/build")
     assert run["status"] == "rejected" and run["evaluation"]["means"]["candidate"] < 1.0
     listed = await api(proxy, "GET", "/admin/memory")
     assert listed["active"] is None and listed["data"][0]["status"] == "retired"
+
+
+async def test_judges_see_a_replayed_call_as_the_client_made_it(fake: FakeUpstream, start_proxy: Any) -> None:
+    """A replay is sent with the bank's examples, but judged as its span would be: with the client's messages. A
+    judge reading the question by position would otherwise score an example's question and reject a bank that
+    does no harm."""
+    fake.reply_to = last_question
+    proxy = await memory_proxy(fake, start_proxy, eval_hooks=("tests.reward_hooks:repeats_the_first_question",))
+    await work(proxy, SOLVED, 1.0)
+    run = await api(proxy, "POST", "/admin/memory/build")
+    assert run["evaluation"]["means"] == {"active": 1.0, "candidate": 1.0}
+    assert run["status"] == "published"
+    assert len(fake.requests[-1].body["messages"]) > 2  # the candidate's replay carried examples
 
 
 async def test_training_data_is_the_call_as_the_client_sent_it(vllm_fake: FakeUpstream, start_proxy: Any) -> None:
