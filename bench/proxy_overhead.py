@@ -430,7 +430,7 @@ async def start_lightwire(
 
 
 def litellm_config(upstream: str, profile: Profile) -> dict[str, Any]:
-    params = {"model": f"openai/{MODEL}", "api_base": upstream, "api_key": "sk-upstream"}
+    params: dict[str, Any] = {"model": f"openai/{MODEL}", "api_base": upstream, "api_key": "sk-upstream"}
     params["extra_headers"] = profile.fake_headers
     return {
         "model_list": [{"model_name": MODEL, "litellm_params": params}],
