@@ -11,7 +11,9 @@ every held-out question is answered once, greedily. The report has the curve (he
 family against minutes since the model was ready), each round's optimizer run and timings, and the task's target
 (:data:`TARGETS`): held-out success at least so many points above the base model's within so many minutes.
 ``machine.busy_cores``: the cores the whole machine kept busy on average while it ran (this benchmark's sidecar,
-vLLM and trainers included; 2.0 on two cores means nothing was idle).
+vLLM and trainers included; 2.0 on two cores means nothing was idle). The sidecar inherits the environment, so
+``LIGHTWIRE_MEMORY=SmolLM2-135M-Instruct`` or ``LIGHTWIRE_EXPLORE_SAMPLES=4`` turn on one lever at a time; the
+report lists every ``LIGHTWIRE_*`` variable it ran with.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def report(rounds: list[Round], options: Options, seconds: float, busy_cores: fl
     return {
         "benchmark": "learning",
         "options": {k: str(v) for k, v in asdict(options).items()},
+        # settings given to the sidecar through its environment (memory, exploration...): part of what was measured
+        "sidecar_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LIGHTWIRE_")},
         "curve": [
             {
                 "round": r.round,
