@@ -36,10 +36,11 @@ async def test_a_conversion_killed_half_way_is_redone_by_the_process_waiting_for
         while not list((cache / "models").glob(f".tmp-{DEFAULT_MODEL_NAME}-*/*.safetensors")):
             assert first.returncode is None, (await first.communicate())[1].decode()
             await asyncio.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)  # half-way, held there: weights written, not checked, not renamed into place
     second = await prepare(cache)  # blocks on the lock while the first one holds it
     await asyncio.sleep(1.0)
     assert second.returncode is None
-    os.kill(first.pid, signal.SIGKILL)  # half-way: weights written, not checked, not renamed into place
+    os.kill(first.pid, signal.SIGKILL)
     await first.wait()
     target = model_dir(cache)
     assert not is_prepared(target) and not target.exists()
