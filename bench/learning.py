@@ -14,33 +14,68 @@ family against minutes since the model was ready), each round's optimizer run an
 vLLM and trainers included; 2.0 on two cores means nothing was idle). The sidecar inherits the environment, so
 ``LIGHTWIRE_MEMORY=SmolLM2-135M-Instruct`` or ``LIGHTWIRE_EXPLORE_SAMPLES=4`` turn on one lever at a time; the
 report lists every ``LIGHTWIRE_*`` variable it ran with.
+
+``--plain-upstream`` measures memory where no adapter can be trained: this benchmark starts vLLM-CPU on the
+embedded model itself, and the sidecar only forwards to it (``lightwire demo --upstream``), so each round's
+learning is a memory run; the target is then that held-out success rises at all, and the report says by how much
+and from which minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.machine import busy_seconds
 from examples.demo import TASKS, DemoFailed, Options, Round, run_demo
+from examples.harness import DEFAULT_MODEL
+from optimizers.embedded import prepare_default_model
+from proxy.config import load
+from proxy.vllm_server import VllmOptions, VllmServer
 
-# task -> (points of held-out success over the base model, within minutes): issue 17's targets
-TARGETS = {"text2sql": (30.0, 20.0), "extraction": (25.0, 20.0)}
+
+@dataclass(frozen=True)
+class Target:
+    """Held-out success at least ``points`` over the base model's within ``minutes``; with ``families``, one of
+    them also above ``family_percent`` then (the families the base model never solves)."""
+
+    points: float
+    minutes: float
+    families: tuple[str, ...] = ()
+    family_percent: float = 0.0
+
+    def want(self) -> str:
+        want = f">= +{self.points:g} points held-out (greedy) over the base model within {self.minutes:g} min"
+        if self.families:
+            want += f", and one of {', '.join(self.families)} above {self.family_percent:g} %"
+        return want
+
+
+# issue 17's targets: the demo's, the second example's at the sidecar's defaults, memory alone's (a rise at all)
+TARGETS = {
+    "text2sql": Target(45.0, 15.0, families=("group", "join", "order"), family_percent=20.0),
+    "extraction": Target(25.0, 20.0),
+}
+MEMORY_ALONE = Target(0.1, 20.0)
 
 
 def report(rounds: list[Round], options: Options, seconds: float, busy_cores: float) -> dict[str, Any]:
-    target_points, target_minutes = TARGETS[options.task]
+    target = MEMORY_ALONE if options.upstream else TARGETS[options.task]
     base = rounds[0].heldout["all"]
-    in_time = [r for r in rounds if r.minutes <= target_minutes]
+    in_time = [r for r in rounds if r.minutes <= target.minutes]
     best = max(in_time, key=lambda r: r.heldout["all"])
     gain = 100 * (best.heldout["all"] - base)
+    family_best = {f: round(100 * max(r.heldout.get(f, 0.0) for r in in_time), 1) for f in target.families}
+    first_gain = next((r for r in rounds if r.heldout["all"] > base), None)
     return {
         "benchmark": "learning",
         "options": {k: str(v) for k, v in asdict(options).items()},
@@ -60,11 +95,14 @@ def report(rounds: list[Round], options: Options, seconds: float, busy_cores: fl
         ],
         "rounds": [asdict(r) for r in rounds],
         "target": {
-            "want": f">= +{target_points:g} points held-out (greedy) over the base model within {target_minutes:g} min",
+            "want": target.want(),
             "base": round(100 * base, 1),
             "best_within_target_time": {"version": best.version, "minutes": round(best.minutes, 2)},
             "gain_points": round(gain, 1),
-            "met": gain >= target_points,
+            "first_gain_minutes": round(first_gain.minutes, 2) if first_gain else None,
+            "families_best": family_best,
+            "met": gain >= target.points
+            and (not target.families or any(p > target.family_percent for p in family_best.values())),
         },
         "machine": {"cpus": os.cpu_count(), "wall_seconds": round(seconds, 1), "busy_cores": busy_cores},
     }
@@ -78,6 +116,11 @@ def main() -> None:
     parser.add_argument("--task", choices=TASKS, default=defaults.task, help="the example agent")
     parser.add_argument(
         "--serve-defaults", action="store_true", help="the sidecar at its defaults trains on its own (no run started)"
+    )
+    parser.add_argument(
+        "--plain-upstream",
+        action="store_true",
+        help="start vLLM-CPU on the embedded model apart from the sidecar, which only forwards: memory alone learns",
     )
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget for the rounds")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the questions and their split")
@@ -95,7 +138,7 @@ def main() -> None:
         )
         began, busy = time.monotonic(), busy_seconds()
         try:
-            rounds = asyncio.run(run_demo(options))
+            rounds, options = asyncio.run(_run(options, plain_upstream=args.plain_upstream))
         except DemoFailed as failed:
             raise SystemExit(f"bench.learning: {failed}") from None
         seconds = time.monotonic() - began
@@ -104,6 +147,24 @@ def main() -> None:
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
+
+
+async def _run(options: Options, *, plain_upstream: bool) -> tuple[list[Round], Options]:
+    if not plain_upstream:
+        return await run_demo(options), options
+    async with plain_vllm(options.workdir) as upstream:
+        options = replace(options, upstream=upstream)
+        return await run_demo(options), options
+
+
+@contextlib.asynccontextmanager
+async def plain_vllm(workdir: Path) -> AsyncIterator[str]:
+    """vLLM-CPU serving the embedded model, started apart from any sidecar; yields its OpenAI base URL."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = await asyncio.to_thread(prepare_default_model, load().cache_dir)
+    options = VllmOptions(model_dir=folder, served_model_name=DEFAULT_MODEL, log_path=workdir / "vllm.log")
+    async with VllmServer(options).running() as server:
+        yield server.base_url + "/v1"
 
 
 if __name__ == "__main__":

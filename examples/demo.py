@@ -21,6 +21,11 @@ files is set) and the demo starts no run: the sidecar's own optimizer decides wh
 (no judge hook: online, as a canary), as it would for any agent. A round is then work and measure; each row
 shows the version active when it was measured.
 
+With ``--upstream URL`` the sidecar forwards to a plain OpenAI-compatible server of the model (vLLM started on its
+own, a provider): no adapter can be loaded there, so experiential memory is on for the model and each round's
+learning is a memory run (``POST /admin/memory/build``): a bank of the best-rewarded trajectories, judged offline
+like an adapter, whose examples the sidecar puts in front of the agent's calls once it is published.
+
 A round is printed as a table row as soon as it is measured; ``rounds.json`` and the learning curve
 (``learning_curve.png``: held-out success per family against wall time) are rewritten after each one. Rounds go
 on while another one fits in ``minutes`` (timed from the moment the model is ready). At the end the sidecar is
@@ -68,6 +73,7 @@ class DemoFailed(Exception):
 class Options:
     task: str = "text2sql"  # one of TASKS
     serve_defaults: bool = False  # the sidecar at its defaults trains on its own; no run is started, no judge set
+    upstream: str | None = None  # a plain OpenAI-compatible backend: no adapter can be trained, memory is the lever
     workdir: Path = Path("lightwire-demo")
     minutes: float = 20.0
     rounds: int | None = None  # at most this many learning rounds (None: as many as fit in ``minutes``)
@@ -162,10 +168,7 @@ class Rounds:
     async def measure(self, number: int) -> Round:
         """Held-out success of the active version: every held-out question once, greedily, no reward posted."""
         began = time.monotonic()
-        active, canary = "base", None
-        if number:  # the admin API answers once the policy is ready; round 0 is the base model by definition
-            versions = await self._admin("/admin/adapters")
-            active, canary = versions["active"], versions["canary"]
+        active, canary = await self._versions() if number else ("base", None)  # round 0: the base model
         heldout = self.example.questions("heldout", self.options.heldout, self.options.seed)
         outcomes = await harness.run_tasks(
             self.client, self.example, heldout, model=harness.DEFAULT_MODEL, temperature=0.0, feedback=None,
@@ -216,11 +219,22 @@ class Rounds:
         return keyed[: self.options.questions]
 
     async def learn(self) -> tuple[dict[str, Any], float]:
-        """One optimizer run (train, evaluate, publish or retire), as ``lightwire train`` starts it."""
+        """One optimizer run (train, evaluate, publish or retire), as ``lightwire train`` starts it; on a plain
+        upstream a memory run (select, evaluate, publish or retire a bank), as ``lightwire memory build`` does."""
         began = time.monotonic()
-        answer = await self.admin.post(self._root + "/admin/train", json={})
+        path = "/admin/memory/build" if self.options.upstream else "/admin/train"
+        answer = await self.admin.post(self._root + path, json={})
         answer.raise_for_status()
         return answer.json(), time.monotonic() - began
+
+    async def _versions(self) -> tuple[str, str | None]:
+        """What serves now, adapter and memory bank (``v2``, ``m3``, ``v2+m3``; ``base``: neither), and what is in
+        a canary. A plain upstream has no adapters."""
+        adapters = await self._admin("/admin/adapters") if self.options.upstream is None else {}
+        banks = await self._admin("/admin/memory")
+        active = [v for v in (adapters.get("active"), banks["active"]) if v not in (None, "base")]
+        canary = [v for v in (adapters.get("canary"), banks["canary"]) if v is not None]
+        return "+".join(active) or "base", "+".join(canary) or None
 
     async def _last_run(self) -> dict[str, Any]:
         """The optimizer run started last, whatever its status (with ``serve_defaults``: the sidecar's own)."""
@@ -289,6 +303,8 @@ async def sidecar(options: Options, workdir: Path, example: harness.Example, say
             "LIGHTWIRE_TRAIN_LEARNING_RATE": str(options.learning_rate),
             **example.environment,
         }
+    if options.upstream is not None:
+        env |= {"LIGHTWIRE_UPSTREAM": options.upstream, "LIGHTWIRE_MEMORY": harness.DEFAULT_MODEL}
     if options.cache_dir is not None:
         env["LIGHTWIRE_CACHE_DIR"] = str(options.cache_dir.resolve())
     log_path = workdir / LOG_NAME
@@ -421,6 +437,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the sidecar at its defaults and let it train on its own (no run started, no judge hook)",
     )
+    cli.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="a plain OpenAI-compatible server of the model (e.g. vLLM started on its own): the sidecar forwards to "
+        "it, no adapter is trained, and each round's learning is a memory run",
+    )
     cli.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget for the rounds")
     cli.add_argument("--rounds", type=int, default=None, help="at most this many rounds (default: as many as fit)")
     cli.add_argument("--dir", type=Path, default=defaults.workdir, help="work folder: store, adapters, curve")
@@ -443,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = Options(
         task=args.task,
         serve_defaults=args.serve_defaults,
+        upstream=args.upstream,
         workdir=args.dir,
         minutes=args.minutes,
         rounds=args.rounds,
