@@ -146,6 +146,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         wait_timeout=config.store_wait_timeout,
         on_commit=on_commit,
         memory_limit_mb=config.db_memory_limit_mb,
+        cache_mb=config.db_cache_mb,
         threads=config.db_threads,
     )
     writer.open()

@@ -100,7 +100,10 @@ class Config:
     )
     db_memory_limit_mb: int = setting(
         2048,
-        "MiB DuckDB may use (its own default: 80% of RAM); must exceed its indexes, ~160 bytes a span in the file.",
+        "Most MiB DuckDB may use (its own default: 80% of RAM); its indexes must fit, ~72 bytes a span.",
+    )
+    db_cache_mb: int = setting(
+        128, "MiB of table blocks DuckDB keeps cached beyond its indexes (trimmed to it every 10 s)."
     )
     db_threads: int = setting(1, "DuckDB's worker threads; 1 keeps the store's work on its one (nice) writer thread.")
     # Rewards and datasets
@@ -206,7 +209,14 @@ class Config:
             raise ConfigError(f"train_algorithm must be sft, kto or grpo, not {self.train_algorithm!r}")
         if self.credit_policy not in {"last", "broadcast", "discounted"}:
             raise ConfigError(f"credit_policy must be last, broadcast or discounted, not {self.credit_policy!r}")
-        positive = ("max_body_mb", "max_pending_spans", "upstream_connections", "db_memory_limit_mb", "db_threads")
+        positive = (
+            "max_body_mb",
+            "max_pending_spans",
+            "upstream_connections",
+            "db_memory_limit_mb",
+            "db_cache_mb",
+            "db_threads",
+        )
         if any(getattr(self, name) <= 0 for name in (*positive, "session_index_size")):
             raise ConfigError(f"{', '.join(positive)} and session_index_size must be positive")
         if self.train_processes < 1:

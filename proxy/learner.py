@@ -74,6 +74,7 @@ async def learn(config: Config) -> None:
             config.db,
             kinds=[Span, Feedback, SessionEnd, Adapter, Run],
             memory_limit_mb=config.db_memory_limit_mb,
+            cache_mb=config.db_cache_mb,
             threads=config.db_threads,
         )
         writer.open()

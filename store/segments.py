@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 KINDS: dict[str, str] = {"spans": "INSERT OR IGNORE", "feedback": "INSERT OR IGNORE", "sessions": "INSERT OR REPLACE"}
 MAX_SEGMENT_ROWS = 50_000
 
-Connect = Callable[[], duckdb.DuckDBPyConnection]
+# A cursor to use in a ``with`` block: the sidecar's Writer.cursor, or a DuckDB connection's own cursor
+Connect = Callable[[], contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 
 def sidecar_id(con: duckdb.DuckDBPyConnection) -> str:

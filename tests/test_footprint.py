@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import openai
+import pytest
 
 from proxy.sessions import Sessions
+from store import writer as writer_module
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
 from store.writer import Writer
@@ -33,6 +36,38 @@ async def test_the_store_opens_duckdb_within_its_memory_limit_and_threads(tmp_pa
         await writer.close()
     assert row is not None
     assert row[0] == "100.0 MiB" and int(row[1]) == 1
+
+
+async def test_the_writer_trims_duckdb_s_cache_to_its_budget_under_a_high_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under its memory limit DuckDB keeps every block it read or wrote (a sidecar grew to ~1 GB in ten minutes
+    of load); the writer's trim evicts down to the indexes plus ``cache_mb``, and leaves the limit a ceiling."""
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)  # a trim after every write
+    writer = Writer(tmp_path / "db.duckdb", kinds=[Feedback], memory_limit_mb=1024, cache_mb=8, threads=1)
+    writer.open()
+
+    def cached_mb() -> float:
+        with writer.cursor() as con:
+            query = "SELECT sum(memory_usage_bytes) / 2**20 FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+            return float(con.execute(query).fetchone()[0])  # type: ignore[index]
+
+    try:
+        with writer.cursor() as con:
+            con.execute("CREATE TABLE filler AS SELECT md5(i::VARCHAR) AS x FROM range(2000000) t(i)")
+            con.execute("CHECKPOINT")
+            con.execute("SELECT count(DISTINCT x) FROM filler").fetchone()
+        before = cached_mb()
+        await writer.reserve()
+        writer.submit(Feedback("fb-1", None, "s1", "reward", 1.0, None, "api", datetime.now(UTC)))
+        await writer.flush()
+        after = cached_mb()
+        with writer.cursor() as con:
+            limit = con.execute("SELECT current_setting('memory_limit')").fetchone()
+    finally:
+        await writer.close()
+    assert before > 30 and after <= 8, (before, after)
+    assert limit == ("1.0 GiB",)
 
 
 async def test_healthz_shows_a_stall_of_the_event_loop_and_the_collection_inside_it(proxy: Proxy) -> None:
