@@ -153,8 +153,12 @@ async def test_the_demo_on_a_plain_upstream_learns_by_memory_alone(fake: FakeUps
     """``lightwire demo --upstream``: a real ``lightwire serve`` that only forwards, so each round's learning is a
     memory run. The model reads the sentence and gets it right only with a worked example before it, or by luck
     (every other sentence): the published bank must reach the next round's held-out calls, and the spans keep the
-    calls as the agent made them (no example in them)."""
+    calls as the agent made them (no example in them). Which sentences the bank holds, and so which held-out
+    sentences find a similar one, depends on the random session ids' train/held-out split."""
     FIRST_CALL = agent.QUESTION_INDEX + 1  # messages in the agent's first call for a sentence
+
+    def lucky(question: str) -> bool:
+        return zlib.crc32(question.encode()) % 2 == 0
 
     def model(messages: list[dict[str, Any]]) -> str:
         question = messages[-1]["content"]
@@ -162,21 +166,21 @@ async def test_the_demo_on_a_plain_upstream_learns_by_memory_alone(fake: FakeUps
         if task is None:  # the demo's first call, asking whether the model answers at all
             return "Hello"
         shown = len(messages) > FIRST_CALL  # a worked example from the bank came before the agent's own
-        lucky = zlib.crc32(question.encode()) % 2 == 0
-        return json.dumps(task.answer if shown or lucky else {**task.answer, "quantity": 0})
+        return json.dumps(task.answer if shown or lucky(question) else {**task.answer, "quantity": 0})
 
     fake.reply_to = model
     options = demo.Options(
-        task="extraction", upstream=fake.url, workdir=tmp_path, rounds=1, heldout=16, questions=16, samples=1,
+        task="extraction", upstream=fake.url, workdir=tmp_path, rounds=1, heldout=16, questions=32, samples=1,
         quiet=True,
     )  # fmt: skip
     base, first = await demo.run_demo(options)
     assert (base.version, first.version, first.run["status"]) == ("base", "m1", "published")
-    assert base.heldout["all"] < 0.6 and first.heldout["all"] > 0.9  # luck alone; a worked example nearly always
-    with_examples = [r for r in fake.requests if len(r.body["messages"]) > FIRST_CALL]
-    assert len(with_examples) >= 16  # the second measurement's calls, and the memory run's candidate replays
-    spans = read_rows(tmp_path / "lightwire.duckdb", "SELECT request, memory_version FROM spans")
-    assert len(spans) == 1 + 16 + 16 + 16 and sum(s["memory_version"] == "m1" for s in spans) == 16
+    assert base.heldout["all"] < 0.5 and first.heldout["all"] > base.heldout["all"] + 0.25  # luck; and examples
+    spans = read_rows(tmp_path / "lightwire.duckdb", "SELECT request, memory_version, memory_examples FROM spans")
+    served = [s for s in spans if s["memory_version"] == "m1"]  # the second measurement's calls
+    assert len(spans) == 1 + 16 + 32 + 16 and len(served) == 16
+    helped = [bool(s["memory_examples"]) or lucky(s["request"]["messages"][-1]["content"]) for s in served]
+    assert first.heldout_solved["all"] == [sum(helped), 16]  # the spans name the examples the model was shown
     assert max(len(s["request"]["messages"]) for s in spans) == FIRST_CALL
 
 
