@@ -93,17 +93,20 @@ class Index:
         self.rows = np.asarray(retriever.scores["indices"], dtype=np.int64)
         self.starts = np.asarray(retriever.scores["indptr"], dtype=np.int64)
         self.frequency = np.diff(self.starts)  # trajectories holding each term: fewer, rarer
-        self.common = max(1, len(self.trajectories) // 2)  # a term in more trajectories is left out of lookups
+        self.common = max(1, len(self.trajectories) // 2)  # a term in more trajectories is scored only alone
 
     def lookup(self, text: str, k: int) -> list[tuple[Trajectory, float]]:
-        """The ``k`` trajectories most similar to ``text`` (score > 0), the most similar first."""
+        """The ``k`` trajectories most similar to ``text`` (score > 0), the most similar first. Terms held by more
+        than half the trajectories are scored only when the call shares no rarer one: in a large bank they would
+        cost the most and tell the least; in a young bank of a few trajectories of one task, all its words are
+        common, and leaving them out left nearly every call without an example."""
         known = {self.vocabulary[t] for t in TERM.findall(text.lower()) if t in self.vocabulary}
         if not known:
             return []
         ids = np.fromiter(known, dtype=np.int64, count=len(known))
-        ids = ids[self.frequency[ids] <= self.common]
-        if not len(ids):
-            return []
+        rare = ids[self.frequency[ids] <= self.common]
+        if len(rare):
+            ids = rare
         if len(ids) > QUERY_TERMS:
             ids = ids[np.argpartition(self.frequency[ids], QUERY_TERMS)[:QUERY_TERMS]]
         starts, lengths = self.starts[ids], self.frequency[ids]

@@ -60,6 +60,19 @@ def test_a_long_conversation_is_looked_up_by_its_rarest_terms() -> None:
     assert found.id == "t37"
 
 
+def test_a_young_bank_of_one_task_still_gives_examples() -> None:
+    """Two solved questions of one kind share all their words: each is in more than half the bank. A call that
+    shares only those gets both rather than none (as before: 17 of 948 calls in the
+    plain-upstream text-to-SQL run got an example, and memory alone gained nothing)."""
+    corpus = [
+        trajectory(0, "List the products with a price above 60.", "SELECT name FROM products WHERE price > 60;"),
+        trajectory(1, "Which products cost more than 140?", "SELECT name FROM products WHERE price > 140;"),
+    ]
+    assert len(Index(corpus).lookup("Show the products whose price is below 10.", 2)) == 2
+    [(rare, _)] = Index(corpus).lookup("Show the products whose price is below 60.", 2)  # "60" is in one: it decides
+    assert rare.id == "t0"
+
+
 def test_examples_skip_what_the_call_already_has_and_go_after_the_system_messages() -> None:
     fixed = (
         {"role": "user", "content": "Which products cost less than 20?"},
