@@ -395,8 +395,11 @@ def _row(row: Round, families: Sequence[str]) -> str:
 def _save(workdir: Path, rounds: list[Round], options: Options, families: Sequence[str]) -> None:
     report = {"options": {k: str(v) for k, v in asdict(options).items()}, "rounds": [asdict(r) for r in rounds]}
     (workdir / "rounds.json").write_text(json.dumps(report, indent=2) + "\n")
-    sidecar = "lightwire serve defaults" if options.serve_defaults else "a run each round"
-    title = f"{options.task} on SmolLM2-135M-Instruct, from rewards only ({sidecar}; greedy held-out)"
+    if options.upstream:
+        sidecar = "a memory run each round, plain upstream"
+    else:
+        sidecar = "lightwire serve defaults" if options.serve_defaults else "a run each round"
+    title = f"{options.task} on SmolLM2-135M-Instruct, from rewards only\n({sidecar}; greedy held-out)"
     plot(rounds, workdir / "learning_curve.png", families, title)
 
 
