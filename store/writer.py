@@ -8,11 +8,13 @@ Durability policy, in full:
   ``wait_timeout`` seconds: then :class:`StoreUnavailable` (the proxy answers 503). A reserved place is always
   available to :meth:`Writer.submit`, which never blocks, so a span can be recorded from a ``finally`` block of
   a cancelled request.
-* **Batches, committed within the flush interval.** From a row's arrival the thread gathers what else comes for
-  at most ``flush_interval`` (50 ms by default), inserts it all as Arrow tables in one transaction (about 10x
-  faster than row-by-row parameters) and commits. A busy proxy writes a few large batches instead of many small
-  ones, and SIGKILL loses only rows that arrived in the last flush interval (plus one write). How rows are typed,
-  and what becomes of a row DuckDB refuses, is :mod:`store.rows`.
+* **Batches, committed within the flush interval.** A row is committed within ``flush_interval`` (50 ms by
+  default) of reaching the thread: from the oldest row in hand, the thread gathers what else comes until that
+  row's deadline less the time the last write took, inserts it all as Arrow tables in one transaction (about
+  10x faster than row-by-row parameters) and commits. Rows that arrived during a write are written at once if
+  their deadline is that close. A busy proxy writes a few large batches instead of many small ones, and SIGKILL
+  loses only rows that arrived in the last flush interval, as long as the thread gets the CPU it needs. How rows
+  are typed, and what becomes of a row DuckDB refuses, is :mod:`store.rows`.
 * **A failing store keeps its rows.** When a write fails for a reason that is the store's (disk full, I/O
   error), the thread keeps the batch, tries again with a growing delay (up to ``RETRY_MAX`` seconds) and goes on
   by itself once the store works again; meanwhile :attr:`Writer.problem` says why (``/healthz`` and ``/readyz``
@@ -140,6 +142,8 @@ class Writer:
         self._flushes: list[asyncio.Future[None]] = []
         self._stopping = False
         self._deadline: float | None = None  # set by close(): when to give up on a failing store
+        self._gathered = 0.0  # when the last gather took what was queued: rows queued since came after it
+        self._write_s = 0.0  # what the last write took (with on_commit): a batch's deadline leaves room for it
         self._wake = threading.Event()  # cuts a retry's wait short at close
 
     @property
@@ -276,7 +280,9 @@ class Writer:
             if not self._batch and not self._flushes and not self._stopping:
                 self._gather()
             if self._batch:
+                began = time.monotonic()
                 self._write(con)
+                self._write_s = time.monotonic() - began
             while self._flushes:
                 self._answer(self._flushes.pop())
             if time.monotonic() - self._trimmed >= TRIM_INTERVAL:
@@ -285,13 +291,18 @@ class Writer:
                 return
 
     def _gather(self) -> None:
-        """Wait for rows, then take what else comes within the flush interval (at most MAX_BATCH)."""
+        """Wait for rows, then take what else comes until the oldest must be written to be committed within the
+        flush interval (at most MAX_BATCH)."""
         self.problem = None  # nothing in hand: a write failing was retried until it worked; a restart is over
+        queued = not self._queue.empty()
         item = self._queue.get()
+        # A row found queued came while the last batch was being written: at most since the last gather.
+        oldest = self._gathered if queued else time.monotonic()
         # Sleep rather than wait on the queue: a waiting thread would be woken (and take the GIL from the
         # request path) by every row put in the meantime. A flush request is answered without the wait.
         if not isinstance(item, asyncio.Future):
-            time.sleep(self.flush_interval)
+            time.sleep(max(0.0, oldest + self.flush_interval - self._write_s - time.monotonic()))
+        self._gathered = time.monotonic()
         while True:
             if item is _STOP:
                 self._stopping = True
@@ -301,6 +312,7 @@ class Writer:
             else:
                 self._batch.append(item)  # type: ignore[arg-type]
             if len(self._batch) >= MAX_BATCH:
+                self._gathered = 0.0  # a backlog is left queued: write it without waiting
                 return
             try:
                 item = self._queue.get_nowait()
