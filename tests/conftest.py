@@ -51,12 +51,17 @@ class Proxy:
         return self
 
     async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
-            while True:
-                async with http.get(self.url.removesuffix("/v1") + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-                await asyncio.sleep(0.01)
+        last = "no answer yet"  # what a timeout reports: the stage the policy was stuck in
+        try:
+            async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+                while True:
+                    async with http.get(self.url.removesuffix("/v1") + "/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                        last = f"{resp.status} {await resp.text()}"
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise AssertionError(f"not ready after {timeout:.0f} s; /readyz said {last}") from None
 
     async def stop(self) -> None:
         if self.runner is not None:
