@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from datetime import UTC, datetime
@@ -11,12 +12,13 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.app import ENDS_PER_TURN, end_sessions
 from proxy.sessions import Sessions
 from store import writer as writer_module
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
 from store.writer import Writer
-from tests.conftest import Proxy
+from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
 
 
@@ -107,6 +109,30 @@ def test_the_index_finds_as_many_recent_calls_by_response_id_as_by_span_id() -> 
     assert all(sessions.find_call(f"chatcmpl-{i}") == (f"span{i}", f"s{i}") for i in range(15, 25))
     assert all(sessions.find_call(f"span{i}") == (f"span{i}", f"s{i}") for i in range(15, 25))
     assert sessions.find_call("span14") is None and sessions.find_call("chatcmpl-0") is None
+
+
+async def test_ending_thousands_of_sessions_lets_calls_run_in_between(tmp_path: Path) -> None:
+    """A full index pushes out hundreds of sessions a second; the sweep that ends them must not hold the loop."""
+    writer = Writer(tmp_path / "db.duckdb", kinds=[SessionEnd])
+    writer.open()
+    turns = 0
+
+    async def a_call() -> None:  # stands for the calls the loop serves meanwhile
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(a_call())
+    await asyncio.sleep(0)
+    before = turns
+    await end_sessions(writer, [f"s{i}" for i in range(3_500)], "idle", forever=True)
+    between = turns - before
+    other.cancel()
+    await writer.close()
+    assert between >= 3_500 // ENDS_PER_TURN
+    [row] = read_rows(tmp_path / "db.duckdb", "SELECT count(*) AS n, min(end_reason) AS why FROM sessions")
+    assert row == {"n": 3_500, "why": "idle"}
 
 
 def test_a_session_the_index_has_no_room_for_is_still_ended_once() -> None:
