@@ -1,7 +1,7 @@
 """Proxy overhead: the same closed-loop load sent to the fake upstream directly, through Lightwire and through
 LiteLLM's proxy, interleaved in one run, every target's numbers side by side.
 
-    .venv/bin/python -m bench.proxy_overhead [--quick | --pin] [--out FILE]
+    .venv/bin/python -m bench.proxy_overhead [--quick | --pin] [--rate R ...] [--out FILE]
 
 Load: one aiohttp ``ClientSession`` in this process; C workers each send requests back to back (closed loop) for a
 fixed time. Three scenarios: non-streaming chat at concurrency 1 and 32, and 32 concurrent streams of
@@ -35,6 +35,10 @@ added p99 at concurrency 32 and the added first-chunk p99 (``MAX_ADDED_P99_PINNE
 proxy's resident memory (RSS) right after start and at the end of the load, and Lightwire's event loop's longest
 stalls and the collector's pauses (its ``/healthz``, from ``proxy/loopwatch.py``).
 
+``--rate R`` (repeatable) adds an open loop, direct and through Lightwire: non-streaming calls arriving R a second
+(Poisson), each one's latency counted from when it was due. A closed loop of 32 keeps the proxy's core full, so its
+p99 is the queue of a saturated server; an open loop below saturation is the tail a service sees at that load.
+
 Reading the report: every request carries the same messages, as mock benchmarks do. ``rps_per_round`` shows a target
 that slows down as calls accumulate; ``server_cpu_ms_per_request`` (the target server's CPU time, all threads, per
 call) is the figure machine noise disturbs least; ``machine_during_runs`` says how much CPU other processes took.
@@ -46,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -141,6 +146,16 @@ class Scenario:
     stream: bool
     concurrency: int
     api: str = "chat"  # "responses": POST /v1/responses, direct and Lightwire only (LiteLLM is compared on chat)
+    rate: float = 0.0  # > 0: an open loop of this many requests a second (``--rate``), direct and Lightwire only
+
+    @property
+    def everyone(self) -> bool:
+        """Whether LiteLLM runs it too: it is compared on chat calls, in closed loops (~130 req/s pinned)."""
+        return self.api == "chat" and not self.rate
+
+
+def at_rate(rate: float) -> Scenario:
+    return Scenario(f"chat_rate_{rate:g}", stream=False, concurrency=0, rate=rate)
 
 
 SCENARIOS = (
@@ -230,10 +245,16 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def call(
-    session: aiohttp.ClientSession, target: Target, scenario: Scenario, tally: Tally, profile: Profile
+    session: aiohttp.ClientSession,
+    target: Target,
+    scenario: Scenario,
+    tally: Tally,
+    profile: Profile,
+    started: float | None = None,
 ) -> None:
+    """One request; its latency counts from ``started`` (when it was due), or from now."""
     target.sent += 1
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     stream, url = scenario.stream, target.base_url + PATHS[scenario.api]
     try:
         async with session.post(url, data=BODIES[scenario.api, stream], headers=profile.headers) as resp:
@@ -298,13 +319,36 @@ async def closed_loop(
     return time.perf_counter() - started
 
 
+async def open_loop(
+    session: aiohttp.ClientSession, target: Target, scenario: Scenario, seconds: float, tally: Tally, profile: Profile
+) -> float:
+    """Requests arrive ``scenario.rate`` a second (Poisson) for ``seconds``, answered or not, as a service's
+    users send them; each one's latency counts from when it was due, so a stall delays every call due in it (a
+    closed loop would send fewer calls instead, and hide them)."""
+    arrivals = random.Random(0)
+    started = due = time.perf_counter()
+    calls: set[asyncio.Task[None]] = set()
+    while (due := due + arrivals.expovariate(scenario.rate)) < started + seconds:
+        await asyncio.sleep(due - time.perf_counter())
+        calls.add(asyncio.create_task(call(session, target, scenario, tally, profile, started=due)))
+    await asyncio.gather(*calls)
+    return time.perf_counter() - started
+
+
+async def load(
+    session: aiohttp.ClientSession, target: Target, scenario: Scenario, seconds: float, tally: Tally, profile: Profile
+) -> float:
+    send = open_loop if scenario.rate else closed_loop
+    return await send(session, target, scenario, seconds, tally, profile)
+
+
 async def measured_run(
     session: aiohttp.ClientSession, target: Target, scenario: Scenario, profile: Profile, tally: Tally
 ) -> None:
-    await closed_loop(session, target, scenario, profile.run_warmup_s, Tally(), profile)
+    await load(session, target, scenario, profile.run_warmup_s, Tally(), profile)
     ok_before = tally.ok
     cpu_before = process_seconds(target.pid)
-    seconds = await closed_loop(session, target, scenario, profile.run_s, tally, profile)
+    seconds = await load(session, target, scenario, profile.run_s, tally, profile)
     tally.cpu_s += process_seconds(target.pid) - cpu_before
     tally.seconds += seconds
     tally.round_rps.append((tally.ok - ok_before) / seconds)
@@ -474,23 +518,27 @@ def read_spans(db: Path) -> dict[str, Any]:
 
 
 async def measure(
-    session: aiohttp.ClientSession, targets: list[Target], profile: Profile, fleet: Fleet
+    session: aiohttp.ClientSession,
+    targets: list[Target],
+    profile: Profile,
+    fleet: Fleet,
+    scenarios: tuple[Scenario, ...],
 ) -> dict[str, Any]:
     """Warm every target up, then run the rounds; returns the tallies and what else the machine was doing."""
 
     def runs(target: Target, scenario: Scenario) -> bool:
-        return scenario.api == "chat" or target.name != "litellm"
+        return scenario.everyone or target.name != "litellm"
 
     for target in targets:
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             if runs(target, scenario):
-                warmup = profile.target_warmup_s / len(SCENARIOS)
-                await closed_loop(session, target, scenario, warmup, Tally(), profile)
-    tallies = {t.name: {s.name: Tally() for s in SCENARIOS} for t in targets}
+                warmup = profile.target_warmup_s / len(scenarios)
+                await load(session, target, scenario, warmup, Tally(), profile)
+    tallies = {t.name: {s.name: Tally() for s in scenarios} for t in targets}
     schedule = [
         (scenario, targets[(i + r) % len(targets)])  # the target order rotates every round
         for r in range(profile.rounds)
-        for scenario in SCENARIOS
+        for scenario in scenarios
         for i in range(len(targets))
         if runs(targets[(i + r) % len(targets)], scenario)
     ]
@@ -504,7 +552,7 @@ async def measure(
     others = busy_seconds() - busy_before - (fleet.cpu_seconds() - ours_before)
     capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
     return {
-        "results": {t.name: {s.name: tallies[t.name][s.name].report(s.stream) for s in SCENARIOS} for t in targets},
+        "results": {t.name: {s.name: tallies[t.name][s.name].report(s.stream) for s in scenarios} for t in targets},
         "most_pending_spans_after_a_run": most_pending,
         "machine_during_runs": {
             "other_processes_cpu_s": round(others, 1),
@@ -514,7 +562,9 @@ async def measure(
     }
 
 
-async def bench(profile: Profile, pin: bool, workdir: Path, bank: int = 0) -> dict[str, Any]:
+async def bench(
+    profile: Profile, pin: bool, workdir: Path, bank: int = 0, rates: tuple[float, ...] = ()
+) -> dict[str, Any]:
     if pin:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     db = workdir / "lightwire.duckdb"
@@ -534,7 +584,7 @@ async def bench(profile: Profile, pin: bool, workdir: Path, bank: int = 0) -> di
             if bank:
                 bank_db = workdir / "lightwire-memory.duckdb"
                 targets.append(await start_lightwire(session, fleet, direct.base_url, bank_db, name=MEMORY, bank=bank))
-            run = await measure(session, targets, profile, fleet)
+            run = await measure(session, targets, profile, fleet, SCENARIOS + tuple(map(at_rate, rates)))
             for t in proxies:
                 memory[t.name]["rss_mb_end"] = rss_mb(t.pid)
             async with session.get(lightwire.base_url.removesuffix("/v1") + "/healthz") as resp:
@@ -553,8 +603,8 @@ async def bench(profile: Profile, pin: bool, workdir: Path, bank: int = 0) -> di
     return run | {"memory": memory, "lightwire_event_loop": loop, "spans": spans, "servers": fleet.stopped}
 
 
-def compare(results: dict[str, Any]) -> dict[str, Any]:
-    """Each proxy against direct, and Lightwire against LiteLLM."""
+def compare(results: dict[str, Any], rates: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Each proxy against direct, Lightwire against LiteLLM, and Lightwire at each open-loop rate."""
     direct = results["direct"]
 
     def minus(target: str, scenario: str, key: str) -> float | None:
@@ -590,6 +640,15 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
             "cpu_ms_per_request_c32": results[MEMORY]["chat_c32"].get("server_cpu_ms_per_request"),
             "lightwire_cpu_ms_per_request_c32": results["lightwire"]["chat_c32"].get("server_cpu_ms_per_request"),
         }
+    out["lightwire_at_rate"] = {
+        f"{rate:g}": {
+            "added_p50_ms": minus("lightwire", at_rate(rate).name, "p50_ms"),
+            "added_p99_ms": minus("lightwire", at_rate(rate).name, "p99_ms"),
+            "rps": results["lightwire"][at_rate(rate).name]["rps"],
+            "direct_p99_ms": direct[at_rate(rate).name]["p99_ms"],
+        }
+        for rate in rates
+    }
     out["lightwire_vs_litellm_rps_c32"] = ratio(
         results["lightwire"]["chat_c32"]["rps"], results["litellm"]["chat_c32"]["rps"]
     )
@@ -637,6 +696,8 @@ def summary(report: dict[str, Any]) -> str:
     if "added_p99_ms_c32" in g:
         limit = g["added_p99_ms_c32"]["limit"]
         tail = f"{added('added_p99_ms_c32')} ms p99 at c=32 (<= {limit:g} ms: {mark('added_p99_ms_c32')}); "
+    for rate, row in report["overhead"]["lightwire_at_rate"].items():
+        tail += f"{row['added_p99_ms']:+.3f} ms p99 at {rate} req/s; "
     rss = report["memory"]["lightwire"]
     longest = [stall["ms"] for stall in report["lightwire_event_loop"]["longest"][:3]]
     return (
@@ -669,6 +730,14 @@ def main() -> None:
         default=0,
         help="also measure Lightwire with an active memory bank of this many trajectories",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        action="append",
+        default=[],
+        help="also send non-streaming calls in an open loop at this many a second (repeatable): the tail below "
+        "saturation, where a closed loop of 32 keeps the proxy's core full",
+    )
     args = parser.parse_args()
 
     name = "quick" if args.quick else "pin" if args.pin else "full"
@@ -680,11 +749,12 @@ def main() -> None:
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         workdir = report_cli.work_dir(stack, args.workdir, "lightwire-bench-")
-        run = asyncio.run(bench(profile, pin, workdir, args.memory))
+        run = asyncio.run(bench(profile, pin, workdir, args.memory, tuple(args.rate)))
     report: dict[str, Any] = {
         "settings": {
             "profile": name,
             "memory_trajectories": args.memory,
+            "open_loop_rates": args.rate,
             "rounds": profile.rounds,
             "run_s": profile.run_s,
             "stream": {"chunks": profile.stream_chunks, "chunk_delay_s": profile.chunk_delay_s},
@@ -696,7 +766,7 @@ def main() -> None:
         },
         **run,
     }
-    report["overhead"] = compare(run["results"])
+    report["overhead"] = compare(run["results"], tuple(args.rate))
     report["goals"] = goals(report["overhead"], run["spans"], profile)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report_cli.emit(report, args.out, summary(report))
