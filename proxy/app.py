@@ -459,7 +459,7 @@ async def models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": listed})
 
 
-def store_health(app: web.Application) -> dict[str, int]:
+def store_health(app: web.Application) -> dict[str, Any]:
     """The store's part of ``/healthz`` and ``/readyz``: its counts, or a 503 saying why it cannot write."""
     writer = app[WRITER]
     if writer.problem is not None:
@@ -469,6 +469,7 @@ def store_health(app: web.Application) -> dict[str, int]:
         "spans_pending": writer.pending,
         "rows_rejected": writer.rejected,
         "writer_restarts": writer.restarts,
+        "store_memory_mb": {tag: round(used / 2**20, 1) for tag, used in writer.memory.items()},
     }
 
 

@@ -105,7 +105,7 @@ class Config:
         "Most MiB DuckDB may use (its own default: 80% of RAM); its indexes must fit, ~72 bytes a span.",
     )
     db_cache_mb: int = setting(
-        128, "MiB of table blocks DuckDB keeps cached beyond its indexes (trimmed to it every 10 s)."
+        32, "MiB of table blocks DuckDB keeps cached beyond its indexes (trimmed to it every 10 s)."
     )
     db_threads: int = setting(1, "DuckDB's worker threads; 1 keeps the store's work on its one (nice) writer thread.")
     # Rewards and datasets

@@ -13,6 +13,8 @@ worker thread, through the store writer's cursor.
                                                  to its response's last byte), by ``route`` and ``stream``
 ``lightwire_spans_written_total``                spans committed to the store
 ``lightwire_store_pending_rows``                 rows waiting in the store's write queue
+``lightwire_store_memory_bytes``                 DuckDB's memory by ``tag`` (``art_index``, ``base_table``, ...)
+                                                 as its writer last trimmed it (every 10 s)
 ``lightwire_store_rejected_rows_total``          rows the store refused (set aside next to the database)
 ``lightwire_store_write_failures_total``         attempts to write a batch that failed (each is tried again)
 ``lightwire_store_writer_restarts_total``        restarts of the writer thread's loop after an exception
@@ -158,6 +160,12 @@ class _Scraped(Collector):
         yield GaugeMetricFamily(
             "lightwire_store_pending_rows", "Rows waiting in the store's write queue.", writer.pending
         )
+        memory = GaugeMetricFamily(
+            "lightwire_store_memory_bytes", "DuckDB's memory by tag, as the writer last trimmed it.", labels=["tag"]
+        )
+        for tag, used in writer.memory.items():
+            memory.add_metric([tag], used)
+        yield memory
         store_counts = (
             ("lightwire_store_rejected_rows", "Rows the store refused (kept in <db>.rejected.jsonl).", writer.rejected),
             ("lightwire_store_write_failures", "Attempts to write a batch that failed (tried again).", writer.failures),

@@ -105,7 +105,7 @@ class Writer:
         wait_timeout: float = 10.0,
         on_commit: Callable[[list[Record]], None] | None = None,
         memory_limit_mb: int = 2048,
-        cache_mb: int = 128,
+        cache_mb: int = 32,
         threads: int = 1,
     ) -> None:
         self.path = Path(path)
@@ -123,6 +123,7 @@ class Writer:
         self._readers = 0  # cursors in use (a trim waits for none)
         self._readers_lock = threading.Lock()
         self._trimmed = time.monotonic()
+        self.memory: dict[str, int] = {}  # bytes DuckDB holds by tag (duckdb_memory()), as of the last trim
         # Counts since the writer opened (Prometheus counters in proxy.metrics).
         self.written = 0
         self.rejected = 0  # rows the store refused
@@ -374,17 +375,15 @@ class Writer:
         again. No cursor is in use meanwhile: a query would find its memory limit low."""
         self._trimmed = time.monotonic()
         with self._readers_lock:
-            if self._readers:
-                return
-            (indexes,) = con.execute(
-                "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory() WHERE tag = 'ART_INDEX'"
-            ).fetchone() or (0,)
-            try:
-                con.execute(f"SET memory_limit = '{(indexes >> 20) + self.cache_mb}MiB'")
-            except duckdb.Error as exc:  # it could not evict that far now (blocks in use): the next trim will
-                log.debug("store cache trim: %s", exc)
-            finally:
-                con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
+            if not self._readers:
+                indexes = _memory(con).get("art_index", 0)
+                try:
+                    con.execute(f"SET memory_limit = '{(indexes >> 20) + self.cache_mb}MiB'")
+                except duckdb.Error as exc:  # it could not evict that far now (blocks in use): the next trim will
+                    log.debug("store cache trim: %s", exc)
+                finally:
+                    con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
+        self.memory = _memory(con)
 
     def _give_up(self, batch: list[Record]) -> None:
         """Closing, and the store still fails after the close's timeout: say what is lost."""
@@ -414,3 +413,12 @@ def _resolve(done: asyncio.Future[None]) -> None:
 def _release(slots: asyncio.Semaphore, n: int) -> None:
     for _ in range(n):
         slots.release()
+
+
+def _memory(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Bytes DuckDB holds, by tag (``art_index``, ``base_table``, ...)."""
+    return dict(
+        con.execute(
+            "SELECT lower(tag), memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes > 0"
+        ).fetchall()
+    )

@@ -20,6 +20,9 @@ from store.spans import Span
 from store.writer import Writer
 from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
+from tests.test_admin import wait_for_store
+from tests.test_metrics import labels, scrape
+from tests.test_ui import root
 
 
 async def healthz(proxy: Proxy) -> dict:
@@ -70,6 +73,26 @@ async def test_the_writer_trims_duckdb_s_cache_to_its_budget_under_a_high_limit(
         await writer.close()
     assert before > 30 and after <= 8, (before, after)
     assert limit == ("1.0 GiB",)
+    assert writer.memory["base_table"] <= 8 * 2**20 and writer.memory["art_index"] > 0  # what the trim left
+
+
+async def test_healthz_and_metrics_say_what_duckdb_holds(
+    proxy: Proxy, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar's memory is mostly DuckDB's: its share by tag is on ``/healthz`` and ``/metrics``."""
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    for i in range(3):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}])
+    await wait_for_store(root(proxy), spans=3, feedback=0)
+    for _ in range(100):  # the trim after the write that committed them
+        store_memory = (await healthz(proxy))["store_memory_mb"]
+        if "art_index" in store_memory:
+            break
+        await asyncio.sleep(0.02)
+    assert store_memory["art_index"] > 0 and store_memory.get("base_table", 0) <= 32  # the spans' indexes; the cache
+    scraped = await scrape(proxy)
+    assert scraped["lightwire_store_memory_bytes"][labels(tag="art_index")] > 0
 
 
 async def test_healthz_shows_a_stall_of_the_event_loop_and_the_collection_inside_it(proxy: Proxy) -> None:
