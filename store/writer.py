@@ -369,7 +369,7 @@ class Writer:
 
         Under its memory limit DuckDB keeps every table block it wrote or read, and its allocator keeps what it
         freed: with a 2 GiB limit a sidecar grew by ~300 bytes a call (980 MB after 1.8M calls, ``bench/soak.py``).
-        The limit cannot simply be low: a table's indexes (ART, ~72 bytes a span) must fit under it whole, or a
+        The limit cannot simply be low: a table's indexes (ART, ~100 bytes a call) must fit under it whole, or a
         checkpoint fails fatally. So the limit stays the ceiling, and every ``TRIM_INTERVAL`` seconds it is
         lowered to the indexes plus ``cache_mb`` (DuckDB evicts down to it and hands the memory back) and raised
         again. No cursor is in use meanwhile: a query would find its memory limit low."""
