@@ -27,6 +27,7 @@ from pathlib import Path
 
 import duckdb
 
+from store.retention import ALL, HOT
 from store.rows import SHARE_SEQ as SEQ
 from store.share import Share
 
@@ -92,8 +93,9 @@ class Shipper:
     def _ship_one(self, con: duckdb.DuckDBPyConnection, kind: str) -> int:
         row = con.execute("SELECT seq FROM shipped WHERE kind = ?", [kind]).fetchone()
         mark = int(row[0]) if row else 0
+        source = ALL if kind == HOT else kind  # calls not yet shipped may have moved to the archive meanwhile
         top, n = con.execute(
-            f"SELECT max({SEQ}), count(*) FROM (SELECT {SEQ} FROM {kind} WHERE {SEQ} > ? ORDER BY {SEQ} LIMIT ?)",
+            f"SELECT max({SEQ}), count(*) FROM (SELECT {SEQ} FROM {source} WHERE {SEQ} > ? ORDER BY {SEQ} LIMIT ?)",
             [mark, MAX_SEGMENT_ROWS],
         ).fetchone() or (None, 0)
         if not n:
@@ -102,7 +104,7 @@ class Shipper:
         staged = self.share.staging(name)
         try:
             con.execute(
-                f"COPY (SELECT * FROM {kind} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
+                f"COPY (SELECT * FROM {source} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
                 f"TO '{_sql_path(staged)}' (FORMAT parquet)",
                 [mark, top],
             )
@@ -165,13 +167,13 @@ def _attach_feedback(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """
         UPDATE feedback SET span_id = s.span_id, session_id = coalesce(feedback.session_id, s.session_id)
-        FROM spans s WHERE feedback.span_id IS NULL AND feedback.response_id = s.response_id
+        FROM spans_all s WHERE feedback.span_id IS NULL AND feedback.response_id = s.response_id
         """
     )
     con.execute(
         """
         UPDATE feedback SET session_id = s.session_id
-        FROM spans s WHERE feedback.session_id IS NULL AND feedback.span_id = s.span_id AND s.session_id IS NOT NULL
+        FROM spans_all s WHERE feedback.session_id IS NULL AND feedback.span_id = s.span_id AND s.session_id IS NOT NULL
         """
     )
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import duckdb
 from aiohttp import web
 
+from store import export, queries, stats
 from store.feedback import Feedback
 from store.spans import Span
 from store.writer import Writer
@@ -179,3 +181,47 @@ async def test_spans_keep_only_the_indexes_a_lookup_needs(tmp_path: Path) -> Non
         "spans_response_id": "[response_id]",  # feedback by response id, previous_response_id
         "spans_session_id": "[session_id]",  # a named session's earlier turns, session pages
     }
+
+
+REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]}
+
+
+def span(n: int, session: str, turn: int) -> Span:
+    return Span(
+        *(f"{n:016x}", "0" * 32, None, session, "chat", "openai", "m", "m", f"chatcmpl-{n}", False, None),
+        *(None, None, ["stop"], 3, 4, json.dumps(CHAT), json.dumps(REPLY), None, None, None),
+        *(datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC), 12.5, None, 200, None, None, turn, "header"),
+    )
+
+
+async def test_calls_beyond_spans_keep_move_to_the_archive_and_are_still_found(tmp_path: Path) -> None:
+    """``spans`` keeps the newest calls (its indexes stay small); older ones move to ``spans_archive``, each call
+    in exactly one of them; lookups, exports and statistics still see every call."""
+    db = tmp_path / "store.duckdb"
+    writer = Writer(db, kinds=[Span], spans_keep=30)
+    assert writer.retention is not None
+    writer.retention.chunk = 20
+    writer.open()
+    for n in range(100):  # ten sessions of ten turns, one after the other: s0's calls are the oldest
+        await writer.reserve()
+        writer.submit(span(n, f"s{n // 10}", n % 10))
+        if n % 10 == 9:
+            await writer.flush()
+    await writer.close()
+    assert writer.retention.moved >= 100 - 30 - 20
+
+    [hot] = read_rows(db, "SELECT count(*) AS n, min(share_seq) AS first FROM spans")
+    [old] = read_rows(db, "SELECT count(*) AS n, max(share_seq) AS last FROM spans_archive")
+    assert 30 <= hot["n"] <= 50 and hot["n"] + old["n"] == 100 and old["n"] == writer.retention.moved
+    assert old["last"] < hot["first"]  # the oldest moved
+    [every] = read_rows(db, "SELECT count(DISTINCT span_id) AS n FROM spans_all")
+    assert every["n"] == 100
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert queries.find_call(con, response_id="chatcmpl-0") == (f"{0:016x}", "s0")  # archived
+        assert queries.find_call(con, span_id=f"{99:016x}") == (f"{99:016x}", "s9")  # recent
+        assert queries.find_call(con, response_id="chatcmpl-unknown") is None
+        assert [queries.session_turns(con, f"s{i}") for i in range(10)] == [10] * 10  # archived, split, recent
+        assert queries.session_turns(con, "never") == 0
+        assert sum(1 for _ in export.records(con, export.Options())) == 100
+        assert stats.collect(con, policy="discounted", discount=0.9).spans == 100
