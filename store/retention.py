@@ -3,13 +3,15 @@
 Why: DuckDB holds a table's ART indexes in memory whole, for the life of the process (~50-75 bytes a call for
 each of the three on ``spans``), and every checkpoint writes them again. Left to grow with every call, they were
 the sidecar's growth past its first minute (18 -> 155 MB over 1.5M calls, ``bench/soak.py``) and what made its
-checkpoints, so its p99, slower with time. An unindexed table costs only its blocks, which DuckDB's cache may
-evict (``store.writer``'s trim).
+checkpoints dearer with time. An unindexed table costs only its blocks, which DuckDB's cache may evict
+(``store.writer``'s trim).
 
-* **Moved, never dropped.** The writer thread moves the oldest calls beyond ``keep`` (by ``share_seq``, the
-  order they were committed in) in one transaction each: a call is in ``spans`` or in ``spans_archive``, never
-  in both or neither. ``CHUNK`` calls a transaction at most, so that the writer's batches are not held up long:
-  DuckDB removes a deleted row from each index at commit, ~15 us an index.
+* **Rotation, not deletion.** Once ``spans`` holds ``2 * keep`` calls, the writer thread, in one transaction,
+  copies all but the newest ``keep`` (by ``share_seq``, the order they were committed in) to the archive, copies
+  the newest ``keep`` to a fresh table, drops the old one with its indexes and builds them again on the fresh one.
+  Deleting the old calls instead cost DuckDB ~15 us a row for each index at commit, and slowed every checkpoint
+  after it: ~8 us a call this way against ~50. A call is in ``spans`` or in ``spans_archive``, never in both or
+  neither; a rotation that fails leaves everything where it was.
 * **Readers.** What wants every call (exports, training data, statistics, the page, hooks, shipping to a share)
   reads the view ``spans_all``. Point lookups (:mod:`store.queries`) read ``spans`` first, by its indexes, and
   scan ``spans_archive`` only for what is not there: late feedback on an old call, a named session back after
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 import duckdb
 
@@ -30,18 +33,16 @@ log = logging.getLogger(__name__)
 HOT = "spans"
 ARCHIVE = "spans_archive"
 ALL = "spans_all"
-# Calls moved in one transaction at most (~250 ms of the writer thread with the three indexes).
-CHUNK = 5_000
+_NEXT = "spans_next"
 
 
 class Retention:
-    """Keeps ``spans`` within ``keep`` + ``chunk`` calls: the writer thread counts what it writes, counts the
-    table at each trim, and calls :meth:`step` between two batches once ``chunk`` calls are beyond ``keep``."""
+    """Keeps ``spans`` between ``keep`` and ``2 * keep`` calls: the writer thread counts what it writes, counts
+    the table at each trim, and calls :meth:`rotate` between two batches once it holds ``2 * keep``."""
 
-    def __init__(self, keep: int, chunk: int = CHUNK) -> None:
+    def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.chunk = chunk
-        self.rows = 0  # calls in spans: as last counted, plus those written and less those moved since
+        self.rows = 0  # calls in spans: as last counted, plus those written since
         self.moved = 0  # since the writer opened
 
     def count(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -52,30 +53,42 @@ class Retention:
         self.rows += rows
 
     def due(self) -> bool:
-        return self.rows - self.keep >= self.chunk
+        return self.rows >= 2 * self.keep
 
-    def step(self, con: duckdb.DuckDBPyConnection) -> int:
-        """Move up to ``chunk`` of the oldest calls beyond ``keep`` to the archive; return how many moved."""
-        take = min(self.rows - self.keep, self.chunk)
-        if take <= 0:
-            return 0
-        row = con.execute(f"SELECT {SEQ} FROM {HOT} ORDER BY {SEQ} NULLS FIRST LIMIT 1 OFFSET ?", [take - 1]).fetchone()
-        if row is None:  # fewer rows than counted (the count is an estimate between two counts)
+    def rotate(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Move all but the newest ``keep`` calls to the archive; return how many moved."""
+        newest = con.execute(f"SELECT {SEQ} FROM {HOT} ORDER BY {SEQ} DESC NULLS LAST LIMIT 1 OFFSET ?", [self.keep])
+        row = newest.fetchone()
+        if row is None:  # fewer calls than counted (a count is exact only at a trim)
             self.count(con)
             return 0
-        where = f"{SEQ} IS NULL OR {SEQ} <= ?"
+        older = f"{SEQ} IS NULL OR {SEQ} <= ?"
         try:
             con.execute("BEGIN TRANSACTION")
-            inserted = con.execute(f"INSERT INTO {ARCHIVE} BY NAME SELECT * FROM {HOT} WHERE {where}", [row[0]])
-            (moved,) = inserted.fetchone() or (0,)
-            con.execute(f"DELETE FROM {HOT} WHERE {where}", [row[0]])
+            (table,) = con.execute("SELECT sql FROM duckdb_tables() WHERE table_name = ?", [HOT]).fetchone() or ("",)
+            indexes = con.execute("SELECT sql FROM duckdb_indexes() WHERE table_name = ?", [HOT]).fetchall()
+            fresh, renamed = re.subn(rf"^CREATE TABLE {HOT}\b", f"CREATE TABLE {_NEXT}", table)
+            if not renamed:
+                raise duckdb.CatalogException(f"cannot read how {HOT} is made: {table!r}")
+            (moved,) = con.execute(
+                f"INSERT INTO {ARCHIVE} BY NAME SELECT * FROM {HOT} WHERE {older}", [row[0]]
+            ).fetchone() or (0,)
+            con.execute(fresh)
+            con.execute(f"INSERT INTO {_NEXT} BY NAME SELECT * FROM {HOT} WHERE NOT ({older})", [row[0]])
+            con.execute(f"DROP TABLE {HOT}")
+            con.execute(f"ALTER TABLE {_NEXT} RENAME TO {HOT}")
+            for (sql,) in indexes:
+                con.execute(sql)
             con.execute("COMMIT")
-        except duckdb.Error as exc:  # the store's trouble (disk full): calls stay where they were; try at next count
+        except BaseException as exc:  # every call stays where it was, and the writer's connection usable
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            log.warning("moving old spans to %s failed: %s", ARCHIVE, exc)
-            self.rows = self.keep
+            if not isinstance(exc, duckdb.Error):
+                raise
+            log.warning("moving old spans to %s failed (tried again after the next trim): %s", ARCHIVE, exc)
+            self.rows = 0  # the next trim counts them again
             return 0
         self.rows -= moved
         self.moved += moved
+        log.info("moved %d calls to %s; %d stay in %s", moved, ARCHIVE, self.rows, HOT)
         return int(moved)

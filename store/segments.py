@@ -6,7 +6,8 @@ of it is committed. A shipment writes, per kind, the rows after the ``shipped`` 
 ``MAX_SEGMENT_ROWS`` a segment) with DuckDB's Parquet writer, puts the file into the share (whole, durably:
 :meth:`store.share.Share.put`) as ``<kind>/<sidecar id>-<last seq>.parquet``, and only then moves the mark. The
 local DuckDB file is the buffer: a share that is down, full or slow delays shipping and loses nothing; a crash
-between the put and the mark ships the same rows again in a later segment, which the learner ignores by key.
+between the put and the mark ships the same rows again in a later segment, which the learner ignores by key (the
+keys of its newest ``spans_keep`` calls: store.retention; rows shipped again are the newest).
 The sidecar id is made once per store, so segments from many sidecars never collide.
 
 **Importing** (the learner, :class:`Importer`). New segments are inserted into the learner's own store by key

@@ -295,7 +295,7 @@ class Writer:
             if time.monotonic() - self._trimmed >= TRIM_INTERVAL:
                 self._trim(con)
             if self.retention is not None and self.retention.due():
-                self.retention.step(con)
+                self.retention.rotate(con)
             if self._stopping and not self._batch:
                 return
 
