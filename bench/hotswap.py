@@ -696,7 +696,7 @@ async def back_to_base(lw: Lightwire, base_answer: str) -> dict[str, Any]:
 def check_spans(db: Path, first_token: list[dict[str, Any]], expected: dict[str, str]) -> dict[str, Any]:
     """Read Lightwire's store once it has exited (DuckDB allows one process per file)."""
     with duckdb.connect(str(db), read_only=True) as con:
-        rows = con.execute("SELECT span_id, adapter_version, http_status, error_type FROM spans_all").fetchall()
+        rows = con.execute("SELECT span_id, adapter_version, http_status, error_type FROM spans").fetchall()
     served = {span: version for span, version, _, _ in rows}
     statuses = Counter(str(status) for _, _, status, _ in rows)
     errors = Counter(error for _, _, _, error in rows if error)

@@ -499,10 +499,10 @@ def read_spans(db: Path) -> dict[str, Any]:
     """Count Lightwire's rows (only once it has exited: DuckDB allows one process per file)."""
     with duckdb.connect(str(db), read_only=True) as con:
         total, distinct, streams = con.execute(
-            "SELECT count(*), count(DISTINCT span_id), count(*) FILTER (WHERE request_stream) FROM spans_all"
+            "SELECT count(*), count(DISTINCT span_id), count(*) FILTER (WHERE request_stream) FROM spans"
         ).fetchone() or (0, 0, 0)
         statuses = con.execute(
-            "SELECT coalesce(CAST(http_status AS VARCHAR), 'none'), count(*) FROM spans_all GROUP BY 1 ORDER BY 1"
+            "SELECT coalesce(CAST(http_status AS VARCHAR), 'none'), count(*) FROM spans GROUP BY 1 ORDER BY 1"
         ).fetchall()
     rejected = db.with_suffix(".rejected.jsonl")
     return {

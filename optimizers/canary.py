@@ -59,10 +59,10 @@ def arm_rewards(
     rows = con.execute(
         f"""
         WITH recent AS (
-            SELECT DISTINCT session_id FROM spans_all WHERE start_time >= $since AND session_id IS NOT NULL
+            SELECT DISTINCT session_id FROM spans WHERE start_time >= $since AND session_id IS NOT NULL
         ), served AS (
             SELECT session_id, bool_or({column} IS NOT DISTINCT FROM $version) AS canary
-            FROM spans_all JOIN recent USING (session_id)
+            FROM spans JOIN recent USING (session_id)
             GROUP BY session_id HAVING min(start_time) >= $since
         ), rewarded AS (
             SELECT s.session_id, s.canary, avg(f.value) AS reward

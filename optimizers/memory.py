@@ -108,7 +108,7 @@ def select(con: duckdb.DuckDBPyConnection, config: Settings) -> tuple[list[Traje
 
 
 def _request_models(con: duckdb.DuckDBPyConnection, span_ids: list[str]) -> dict[str, str]:
-    rows = con.execute("SELECT span_id, request_model FROM spans_all WHERE list_contains($ids, span_id)", {"ids": span_ids})
+    rows = con.execute("SELECT span_id, request_model FROM spans WHERE list_contains($ids, span_id)", {"ids": span_ids})
     return {span_id: model for span_id, model in rows.fetchall() if model is not None}
 
 

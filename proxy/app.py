@@ -151,7 +151,6 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         memory_limit_mb=config.db_memory_limit_mb,
         cache_mb=config.db_cache_mb,
         threads=config.db_threads,
-        spans_keep=config.spans_keep,
     )
     writer.open()
     app[WRITER] = writer

@@ -107,10 +107,6 @@ class Config:
     db_cache_mb: int = setting(
         32, "MiB of table blocks DuckDB keeps cached beyond its indexes (trimmed to it every 10 s)."
     )
-    spans_keep: int = setting(
-        100_000,
-        "Newest calls the spans table keeps indexed; older ones move to spans_archive, kept whole (0: all stay).",
-    )
     db_threads: int = setting(1, "DuckDB's worker threads; 1 keeps the store's work on its one (nice) writer thread.")
     # Rewards and datasets
     span_hooks: tuple[str, ...] = setting(
@@ -225,8 +221,6 @@ class Config:
         )
         if any(getattr(self, name) <= 0 for name in (*positive, "session_index_size")):
             raise ConfigError(f"{', '.join(positive)} and session_index_size must be positive")
-        if self.spans_keep < 0:
-            raise ConfigError(f"spans_keep must be 0 (keep every call in spans) or more, not {self.spans_keep}")
         if self.train_processes < 1:
             raise ConfigError(f"train_processes must be 1 or more, not {self.train_processes}")
         if self.group_samples < 0:

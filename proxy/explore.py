@@ -103,7 +103,7 @@ def failing_tasks(con: duckdb.DuckDBPyConnection, attempts: int) -> frozenset[st
         f"""
         WITH firsts AS (
             SELECT session_id, start_time, json_extract_string(request, '$.messages[#-1].content') AS question
-            FROM spans_all WHERE turn_index = 0 AND session_id IS NOT NULL AND operation_name = 'chat'
+            FROM spans WHERE turn_index = 0 AND session_id IS NOT NULL AND operation_name = 'chat'
               AND start_time > now() - INTERVAL '{WINDOW}'
         ), rewarded AS (
             SELECT f.question, f.start_time, avg(fb.value) AS reward

@@ -79,9 +79,9 @@ MAX_GROUPS = 10_000  # tasks whose group is filling; past this, the oldest is gi
 DROP_LOG_EVERY = 1_000
 
 SESSION_SPANS = (
-    f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans_all WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time"
+    f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time"
 )
-FIRST_REQUEST = "SELECT request FROM spans_all WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time LIMIT 1"
+FIRST_REQUEST = "SELECT request FROM spans WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time LIMIT 1"
 
 
 @dataclass(frozen=True, slots=True)

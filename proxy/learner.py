@@ -76,7 +76,6 @@ async def learn(config: Config) -> None:
             memory_limit_mb=config.db_memory_limit_mb,
             cache_mb=config.db_cache_mb,
             threads=config.db_threads,
-            spans_keep=config.spans_keep,
         )
         writer.open()
         try:

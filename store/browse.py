@@ -63,7 +63,7 @@ def sessions(con: duckdb.DuckDBPyConnection, where: SessionFilter) -> list[dict[
         rewards AS (
             SELECT coalesce(f.session_id, s.session_id, f.span_id) AS session, avg(f.value) AS reward,
                    count(*) AS feedback
-            FROM feedback f LEFT JOIN spans_all s USING (span_id)
+            FROM feedback f LEFT JOIN spans s USING (span_id)
             WHERE f.name = '{credit.DEFAULT_NAME}' GROUP BY 1
         ),
         summary AS (
@@ -109,8 +109,7 @@ def session(con: duckdb.DuckDBPyConnection, session_id: str) -> dict[str, Any] |
         cursor = con.execute(
             """
             SELECT feedback_id AS id, span_id, name, value, comment, source, created_at FROM feedback
-            WHERE session_id = $id
-               OR span_id IN (SELECT span_id FROM spans_all WHERE coalesce(session_id, span_id) = $id)
+            WHERE session_id = $id OR span_id IN (SELECT span_id FROM spans WHERE coalesce(session_id, span_id) = $id)
             ORDER BY created_at
             """,
             {"id": session_id},

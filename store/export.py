@@ -170,7 +170,7 @@ def turn_rewards(
     turns = con.execute(
         f"""
         WITH ok AS (SELECT span_id, coalesce(session_id, span_id) AS session, turn_index, start_time
-                    FROM spans_all WHERE {OK})
+                    FROM spans WHERE {OK})
         SELECT session, span_id, turn_index FROM ok {window}
         ORDER BY session, turn_index NULLS LAST, start_time, span_id
         """,
@@ -184,7 +184,7 @@ def turn_rewards(
     for session, *rating in con.execute(
         """
         SELECT coalesce(f.session_id, s.session_id, f.span_id), f.span_id, f.name, f.value, f.created_at
-        FROM feedback f LEFT JOIN spans_all s ON s.span_id = f.span_id
+        FROM feedback f LEFT JOIN spans s ON s.span_id = f.span_id
         ORDER BY f.created_at, f.feedback_id
         """
     ).fetchall():
@@ -208,11 +208,10 @@ def records(con: duckdb.DuckDBPyConnection, options: Options) -> Iterator[dict[s
         f"""
         SELECT span_id, session_id, turn_index, operation_name, request, response, prompt_token_ids,
                completion_token_ids, completion_logprobs, adapter_version, response_model,
-               coalesce(session_id, (SELECT client.session_id FROM spans_all client
-                                     WHERE client.span_id = spans_all.parent_span_id
-                                       AND spans_all.session_source = $sample)),
+               coalesce(session_id, (SELECT client.session_id FROM spans client
+                                     WHERE client.span_id = spans.parent_span_id AND spans.session_source = $sample)),
                len(coalesce(memory_examples, [])) > 0
-        FROM spans_all WHERE {OK} {window} ORDER BY start_time, span_id
+        FROM spans WHERE {OK} {window} ORDER BY start_time, span_id
         """,
         {"sample": SAMPLE_SOURCE, **({"since": options.since} if options.since else {})},
     )
@@ -298,7 +297,7 @@ class Conversations:
         if conversation is None or conversation != session_id or turn_index is None:
             return []
         rows = self.con.execute(
-            f"""SELECT request, response FROM spans_all WHERE session_id = ? AND turn_index < ? AND {OK}
+            f"""SELECT request, response FROM spans WHERE session_id = ? AND turn_index < ? AND {OK}
                 AND operation_name = '{RESPONSES}' ORDER BY turn_index""",
             [conversation, turn_index],
         ).fetchall()
@@ -310,7 +309,7 @@ class Conversations:
         cursor: str | None = response_id
         while cursor is not None and cursor not in self._items:
             row = self.con.execute(
-                f"SELECT request, response FROM spans_all WHERE response_id = ? AND {OK} LIMIT 1", [cursor]
+                f"SELECT request, response FROM spans WHERE response_id = ? AND {OK} LIMIT 1", [cursor]
             ).fetchone()
             if row is None:
                 break  # a response this store never saw: the conversation starts after it

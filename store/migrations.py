@@ -199,15 +199,6 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE spans ADD COLUMN upstream_duration_ms DOUBLE;
         """,
     ),
-    (
-        # Calls beyond the newest ``spans_keep`` move to an unindexed archive (store.retention); spans_all reads
-        # both. A later migration that adds a column to spans adds it to spans_archive too.
-        "011_span_archive",
-        """
-        CREATE TABLE spans_archive AS SELECT * FROM spans LIMIT 0;
-        CREATE VIEW spans_all AS SELECT * FROM spans UNION ALL BY NAME SELECT * FROM spans_archive;
-        """,
-    ),
 ]
 
 

@@ -6,8 +6,7 @@ of it is committed. A shipment writes, per kind, the rows after the ``shipped`` 
 ``MAX_SEGMENT_ROWS`` a segment) with DuckDB's Parquet writer, puts the file into the share (whole, durably:
 :meth:`store.share.Share.put`) as ``<kind>/<sidecar id>-<last seq>.parquet``, and only then moves the mark. The
 local DuckDB file is the buffer: a share that is down, full or slow delays shipping and loses nothing; a crash
-between the put and the mark ships the same rows again in a later segment, which the learner ignores by key (the
-keys of its newest ``spans_keep`` calls: store.retention; rows shipped again are the newest).
+between the put and the mark ships the same rows again in a later segment, which the learner ignores by key.
 The sidecar id is made once per store, so segments from many sidecars never collide.
 
 **Importing** (the learner, :class:`Importer`). New segments are inserted into the learner's own store by key
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import duckdb
 
-from store.retention import ALL, HOT
 from store.rows import SHARE_SEQ as SEQ
 from store.share import Share
 
@@ -94,9 +92,8 @@ class Shipper:
     def _ship_one(self, con: duckdb.DuckDBPyConnection, kind: str) -> int:
         row = con.execute("SELECT seq FROM shipped WHERE kind = ?", [kind]).fetchone()
         mark = int(row[0]) if row else 0
-        source = ALL if kind == HOT else kind  # calls not yet shipped may have moved to the archive meanwhile
         top, n = con.execute(
-            f"SELECT max({SEQ}), count(*) FROM (SELECT {SEQ} FROM {source} WHERE {SEQ} > ? ORDER BY {SEQ} LIMIT ?)",
+            f"SELECT max({SEQ}), count(*) FROM (SELECT {SEQ} FROM {kind} WHERE {SEQ} > ? ORDER BY {SEQ} LIMIT ?)",
             [mark, MAX_SEGMENT_ROWS],
         ).fetchone() or (None, 0)
         if not n:
@@ -105,7 +102,7 @@ class Shipper:
         staged = self.share.staging(name)
         try:
             con.execute(
-                f"COPY (SELECT * FROM {source} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
+                f"COPY (SELECT * FROM {kind} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
                 f"TO '{_sql_path(staged)}' (FORMAT parquet)",
                 [mark, top],
             )
@@ -168,13 +165,13 @@ def _attach_feedback(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """
         UPDATE feedback SET span_id = s.span_id, session_id = coalesce(feedback.session_id, s.session_id)
-        FROM spans_all s WHERE feedback.span_id IS NULL AND feedback.response_id = s.response_id
+        FROM spans s WHERE feedback.span_id IS NULL AND feedback.response_id = s.response_id
         """
     )
     con.execute(
         """
         UPDATE feedback SET session_id = s.session_id
-        FROM spans_all s WHERE feedback.session_id IS NULL AND feedback.span_id = s.span_id AND s.session_id IS NOT NULL
+        FROM spans s WHERE feedback.session_id IS NULL AND feedback.span_id = s.span_id AND s.session_id IS NOT NULL
         """
     )
 

@@ -27,7 +27,7 @@ from store.spans import MODEL_CALL, SAMPLE_SOURCE
 
 BASE = "base"
 # The agents' model calls: every span but the sidecar's own group samples and other /v1/ paths.
-CALLS = f"(SELECT * FROM spans_all WHERE session_source IS DISTINCT FROM '{SAMPLE_SOURCE}' AND {MODEL_CALL})"
+CALLS = f"(SELECT * FROM spans WHERE session_source IS DISTINCT FROM '{SAMPLE_SOURCE}' AND {MODEL_CALL})"
 
 
 @dataclass(slots=True)
@@ -96,7 +96,7 @@ def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, re
         f"""
         SELECT count(*), count(*) FILTER (WHERE {OK}), count(DISTINCT coalesce(session_id, span_id)),
                count(*) FILTER (WHERE span_id IN (SELECT span_id FROM feedback)),
-               (SELECT count(*) FROM spans_all WHERE session_source = '{SAMPLE_SOURCE}')
+               (SELECT count(*) FROM spans WHERE session_source = '{SAMPLE_SOURCE}')
         FROM {CALLS}
         """,
     )
@@ -105,9 +105,7 @@ def _collect(con: duckdb.DuckDBPyConnection, *, policy: str, discount: float, re
         f"""
         SELECT (SELECT count(*) FROM feedback), count(*)
         FROM (SELECT DISTINCT coalesce(session_id, span_id) AS session FROM {CALLS})
-        WHERE session IN (
-            SELECT coalesce(f.session_id, s.session_id) FROM feedback f LEFT JOIN spans_all s USING (span_id)
-        )
+        WHERE session IN (SELECT coalesce(f.session_id, s.session_id) FROM feedback f LEFT JOIN spans s USING (span_id))
         """,
     )
     rewards = {

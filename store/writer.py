@@ -48,7 +48,6 @@ import duckdb
 
 from store import rows as store_rows
 from store.migrations import migrate
-from store.retention import HOT, Retention
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,6 @@ class Writer:
         memory_limit_mb: int = 2048,
         cache_mb: int = 32,
         threads: int = 1,
-        spans_keep: int = 0,
     ) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
@@ -126,8 +124,6 @@ class Writer:
         self._readers_lock = threading.Lock()
         self._trimmed = time.monotonic()
         self.memory: dict[str, int] = {}  # bytes DuckDB holds by tag (duckdb_memory()), as of the last trim
-        # spans beyond the newest spans_keep move to the archive (store.retention); 0 keeps every call in spans
-        self.retention = Retention(spans_keep) if spans_keep > 0 else None
         # Counts since the writer opened (Prometheus counters in proxy.metrics).
         self.written = 0
         self.rejected = 0  # rows the store refused
@@ -170,8 +166,6 @@ class Writer:
         }
         # DuckDB's first Arrow scan costs ~0.3 s: pay it now, not on the first call
         store_rows.write(self._con, self._tables, {table: [] for table in self._tables})
-        if self.retention is not None:
-            self.retention.count(self._con)
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.max_pending)
         self._thread = threading.Thread(target=self._main, name="lightwire-store-writer", daemon=True)
@@ -294,8 +288,6 @@ class Writer:
                 self._answer(self._flushes.pop())
             if time.monotonic() - self._trimmed >= TRIM_INTERVAL:
                 self._trim(con)
-            if self.retention is not None and self.retention.due():
-                self.retention.rotate(con)
             if self._stopping and not self._batch:
                 return
 
@@ -366,8 +358,6 @@ class Writer:
                 log.exception("could not build a %s row", record.table)
                 refused.append(store_rows.Refusal(record.table, f"could not build the row: {exc!r}", None))
         refused += store_rows.write(con, self._tables, by_table)
-        if self.retention is not None:
-            self.retention.added(len(by_table.get(HOT, ())))
         if refused:
             for refusal in refused:
                 log.error("%s row refused by the store: %s", refusal.table, refusal.reason)
@@ -394,8 +384,6 @@ class Writer:
                 finally:
                     con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
         self.memory = _memory(con)
-        if self.retention is not None:  # rows may come by other ways than this writer (a learner's imports)
-            self.retention.count(con)
 
     def _give_up(self, batch: list[Record]) -> None:
         """Closing, and the store still fails after the close's timeout: say what is lost."""

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import duckdb
 from aiohttp import web
 
-from store import export, queries, stats
 from store.feedback import Feedback
 from store.spans import Span
 from store.writer import Writer
@@ -181,73 +179,3 @@ async def test_spans_keep_only_the_indexes_a_lookup_needs(tmp_path: Path) -> Non
         "spans_response_id": "[response_id]",  # feedback by response id, previous_response_id
         "spans_session_id": "[session_id]",  # a named session's earlier turns, session pages
     }
-
-
-REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]}
-
-
-def span(n: int, session: str, turn: int) -> Span:
-    return Span(
-        *(f"{n:016x}", "0" * 32, None, session, "chat", "openai", "m", "m", f"chatcmpl-{n}", False, None),
-        *(None, None, ["stop"], 3, 4, json.dumps(CHAT), json.dumps(REPLY), None, None, None),
-        *(datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC), 12.5, None, 200, None, None, turn, "header"),
-    )
-
-
-async def test_calls_beyond_spans_keep_move_to_the_archive_and_are_still_found(tmp_path: Path) -> None:
-    """``spans`` keeps the newest calls (its indexes stay small); older ones move to ``spans_archive``, each call
-    in exactly one of them; lookups, exports and statistics still see every call."""
-    db = tmp_path / "store.duckdb"
-    writer = Writer(db, kinds=[Span], spans_keep=30)
-    assert writer.retention is not None
-    writer.open()
-    for n in range(100):  # ten sessions of ten turns, one after the other: s0's calls are the oldest
-        await writer.reserve()
-        writer.submit(span(n, f"s{n // 10}", n % 10))
-        if n % 10 == 9:
-            await writer.flush()
-    await writer.close()
-    assert writer.retention.moved >= 100 - 2 * 30
-
-    [hot] = read_rows(db, "SELECT count(*) AS n, min(share_seq) AS first FROM spans")
-    [old] = read_rows(db, "SELECT count(*) AS n, max(share_seq) AS last FROM spans_archive")
-    assert 30 <= hot["n"] < 60 and hot["n"] + old["n"] == 100 and old["n"] == writer.retention.moved
-    assert old["last"] < hot["first"]  # the oldest moved
-    [every] = read_rows(db, "SELECT count(DISTINCT span_id) AS n FROM spans_all")
-    assert every["n"] == 100
-    indexes = read_rows(db, "SELECT index_name FROM duckdb_indexes() WHERE table_name = 'spans'")
-    assert {r["index_name"] for r in indexes} == {"spans_response_id", "spans_session_id"}  # built again
-    keys = read_rows(
-        db,
-        "SELECT constraint_column_names AS c FROM duckdb_constraints() WHERE table_name = 'spans' "
-        "AND constraint_type = 'PRIMARY KEY'",
-    )
-    assert keys == [{"c": ["span_id"]}]
-
-    with duckdb.connect(str(db), read_only=True) as con:
-        assert queries.find_call(con, response_id="chatcmpl-0") == (f"{0:016x}", "s0")  # archived
-        assert queries.find_call(con, span_id=f"{99:016x}") == (f"{99:016x}", "s9")  # recent
-        assert queries.find_call(con, response_id="chatcmpl-unknown") is None
-        assert [queries.session_turns(con, f"s{i}") for i in range(10)] == [10] * 10  # archived, split, recent
-        assert queries.session_turns(con, "never") == 0
-        assert sum(1 for _ in export.records(con, export.Options())) == 100
-        assert stats.collect(con, policy="discounted", discount=0.9).spans == 100
-
-
-async def test_a_rotation_that_fails_moves_nothing_and_the_writer_goes_on(tmp_path: Path, caplog) -> None:
-    db = tmp_path / "store.duckdb"
-    writer = Writer(db, kinds=[Span], spans_keep=10)
-    writer.open()
-    with writer.cursor() as con:  # the archive is gone: every rotation fails
-        con.execute("DROP VIEW spans_all; DROP TABLE spans_archive")
-    for n in range(50):
-        await writer.reserve()
-        writer.submit(span(n, "s", n))
-        if n % 10 == 9:
-            await writer.flush()
-    await writer.close()
-    assert writer.retention is not None and writer.retention.moved == 0 and writer.restarts == 0
-    assert writer.problem is None and writer.written == 50
-    [row] = read_rows(db, "SELECT count(*) AS n FROM spans")
-    assert row["n"] == 50
-    assert "moving old spans to spans_archive failed" in caplog.text
