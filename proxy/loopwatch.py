@@ -7,6 +7,13 @@ in, so that a stall can be told apart as a collection or not. ``GET /healthz`` s
 
 The tick bounds what is seen: a stall is measured from the wake-up it delayed, so one that starts just after a
 wake-up reads up to ``TICK`` short, and a stall shorter than ``MIN_STALL`` is only counted.
+
+What a stall was is sampled: a thread looks at the loop every ``SAMPLE`` seconds and, while the loop's last
+wake-up is ``STACK_AFTER`` or more behind, takes the loop thread's innermost Python frames and counts them, so
+that each stack's count is about the stalled time spent there, in ``SAMPLE``s. A stack that ends in the selector
+(``selectors.py ... select``) is a loop that had nothing to run and did not get back the CPU or the GIL in time:
+the stall was another thread's or process's, not the loop's own work; what the other threads were at in the
+same looks is counted beside (``beside``: thread name and innermost frames).
 """
 
 from __future__ import annotations
@@ -15,8 +22,13 @@ import asyncio
 import contextlib
 import gc
 import heapq
+import sys
+import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import AsyncIterator
+from types import FrameType
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +37,12 @@ TICK = 0.005  # seconds between wake-ups: ~200 a second, a few microseconds of C
 MIN_STALL = 0.002  # seconds late from which a wake-up counts as a stall and may be kept
 KEPT = 8  # longest stalls kept
 BUCKETS_MS = (2, 5, 10, 50, 100)  # stalls are counted by the first of these they reach
+SAMPLE = 0.01  # seconds between two looks of the sampler at the loop
+STACK_AFTER = 0.02  # seconds since the loop's last wake-up from which the sampler takes its stack
+FRAMES = 6  # innermost frames that make a stack
+BESIDE_FRAMES = 3  # and one of another thread's, seen during a stall
+STACKS_KEPT = 256  # distinct stacks counted; later new ones count as "other"
+STACKS_SHOWN = 8
 
 
 class LoopWatch:
@@ -38,6 +56,9 @@ class LoopWatch:
         self.gc_longest_ms = [0.0, 0.0, 0.0]
         self.gc_total_s = 0.0
         self._gc_started = 0.0
+        self.stacks: Counter[tuple[str, ...]] = Counter()  # samples taken in stalls, by stack
+        self.beside: Counter[tuple[str, ...]] = Counter()  # what the other threads were at then: name, stack
+        self._beat = time.monotonic()  # the loop's last wake-up
 
     def report(self) -> dict[str, Any]:
         return {
@@ -53,6 +74,14 @@ class LoopWatch:
                 "longest_ms": [round(ms, 2) for ms in self.gc_longest_ms],
                 "total_s": round(self.gc_total_s, 3),
             },
+            "stacks": [
+                {"samples": n, "ms": round(n * SAMPLE * 1000), "frames": list(stack)}
+                for stack, n in self.stacks.most_common(STACKS_SHOWN)
+            ],
+            "beside": [
+                {"samples": n, "thread": thread, "frames": list(stack)}
+                for (thread, *stack), n in self.beside.most_common(STACKS_SHOWN)
+            ],
         }
 
     async def run(self) -> None:
@@ -61,6 +90,7 @@ class LoopWatch:
             gc_before = self.gc_total_s
             due = loop.time() + TICK
             await asyncio.sleep(TICK)
+            self._beat = time.monotonic()
             self.wakeups += 1
             late = loop.time() - due
             if late >= MIN_STALL:
@@ -77,6 +107,20 @@ class LoopWatch:
         elif ms > self.longest[0][0]:
             heapq.heapreplace(self.longest, entry)
 
+    def sample(self, loop_thread: int, stop: threading.Event) -> None:
+        """The sampler thread's loop: count the loop thread's stack at each look that finds the loop stalled."""
+        while not stop.wait(SAMPLE):
+            if time.monotonic() - self._beat < STACK_AFTER:
+                continue
+            frames = sys._current_frames()
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            for ident, frame in frames.items():
+                if ident == loop_thread:
+                    _count(self.stacks, _stack(frame, FRAMES))
+                elif ident != threading.get_ident():
+                    _count(self.beside, (names.get(ident, "?"), *_stack(frame, BESIDE_FRAMES)))
+            del frames
+
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
@@ -88,6 +132,22 @@ class LoopWatch:
         self.gc_longest_ms[generation] = max(self.gc_longest_ms[generation], took * 1000)
 
 
+def _count(counter: Counter[tuple[str, ...]], stack: tuple[str, ...]) -> None:
+    counter[stack if stack in counter or len(counter) < STACKS_KEPT else ("other",)] += 1
+
+
+def _stack(frame: FrameType, depth: int) -> tuple[str, ...]:
+    """The innermost ``depth`` frames, as ``file:line function``; an import's own frames as one ``(importing)``."""
+    stack: list[str] = []
+    for f in traceback.StackSummary.extract(traceback.walk_stack(frame), limit=depth + 16, lookup_lines=False):
+        if f.filename.startswith("<frozen importlib"):
+            if not stack or stack[-1] != "(importing)":
+                stack.append("(importing)")
+        else:
+            stack.append(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}")
+    return tuple(stack[:depth])
+
+
 LOOP_WATCH = web.AppKey("loop_watch", LoopWatch)
 
 
@@ -96,9 +156,16 @@ async def loop_watch_ctx(app: web.Application) -> AsyncIterator[None]:
     watch = app[LOOP_WATCH] = LoopWatch()
     gc.callbacks.append(watch._on_gc)
     task = asyncio.create_task(watch.run())
+    stop = threading.Event()
+    sampler = threading.Thread(
+        target=watch.sample, args=(threading.get_ident(), stop), name="lightwire-loop-sampler", daemon=True
+    )
+    sampler.start()
     try:
         yield
     finally:
+        stop.set()
+        sampler.join()
         gc.callbacks.remove(watch._on_gc)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

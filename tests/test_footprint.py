@@ -95,7 +95,7 @@ async def test_healthz_and_metrics_say_what_duckdb_holds(
     assert scraped["lightwire_store_memory_bytes"][labels(tag="art_index")] > 0
 
 
-async def test_healthz_shows_a_stall_of_the_event_loop_and_the_collection_inside_it(proxy: Proxy) -> None:
+async def test_healthz_shows_a_stall_of_the_event_loop_the_collection_inside_it_and_its_stack(proxy: Proxy) -> None:
     """The proxy runs in this test's event loop: blocking it here is a stall every call in flight would wait out."""
     before = await healthz(proxy)
     collections = before["loop"]["gc"]["collections"][2]
@@ -105,6 +105,12 @@ async def test_healthz_shows_a_stall_of_the_event_loop_and_the_collection_inside
     assert any(stall["ms"] >= 50 and stall["gc_ms"] > 0 for stall in after["longest"])
     assert after["stalls"][">=50ms"] + after["stalls"][">=100ms"] >= 1
     assert after["gc"]["collections"][2] == collections + 1
+    # what the loop was doing: this test's sleep, ~60 ms of it sampled every 10 ms once 20 ms late
+    here = [s for s in after["stacks"] if any("test_healthz_shows_a_stall" in frame for frame in s["frames"])]
+    assert here and here[0]["frames"][0].startswith("test_footprint.py:") and 2 <= here[0]["samples"] <= 5, after
+    # and what the other threads were at meanwhile: the store's writer waiting for rows, not the sampler itself
+    threads = {b["thread"] for b in after["beside"]}
+    assert "lightwire-store-writer" in threads and "lightwire-loop-sampler" not in threads, after["beside"]
 
 
 async def test_a_conversation_older_than_the_session_index_starts_a_new_session(
