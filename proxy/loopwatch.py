@@ -28,6 +28,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import AsyncIterator
+from operator import itemgetter
 from types import FrameType
 from typing import Any
 
@@ -75,12 +76,10 @@ class LoopWatch:
                 "total_s": round(self.gc_total_s, 3),
             },
             "stacks": [
-                {"samples": n, "ms": round(n * SAMPLE * 1000), "frames": list(stack)}
-                for stack, n in self.stacks.most_common(STACKS_SHOWN)
+                {"samples": n, "ms": round(n * SAMPLE * 1000), "frames": list(stack)} for stack, n in _top(self.stacks)
             ],
             "beside": [
-                {"samples": n, "thread": thread, "frames": list(stack)}
-                for (thread, *stack), n in self.beside.most_common(STACKS_SHOWN)
+                {"samples": n, "thread": thread, "frames": list(stack)} for (thread, *stack), n in _top(self.beside)
             ],
         }
 
@@ -130,6 +129,12 @@ class LoopWatch:
         self.gc_count[generation] += 1
         self.gc_total_s += took
         self.gc_longest_ms[generation] = max(self.gc_longest_ms[generation], took * 1000)
+
+
+def _top(counter: Counter[tuple[str, ...]]) -> list[tuple[tuple[str, ...], int]]:
+    """The most counted stacks, from a copy: the sampler thread may count a new one meanwhile (copying a dict is
+    one step under the GIL; iterating it, as ``Counter.most_common`` does, is not)."""
+    return sorted(dict(counter).items(), key=itemgetter(1), reverse=True)[:STACKS_SHOWN]
 
 
 def _count(counter: Counter[tuple[str, ...]], stack: tuple[str, ...]) -> None:
