@@ -3,16 +3,18 @@
     .venv/bin/python -m bench.train_throughput [--quick] [--threads N] [--out FILE]
 
 Both train the same LoRA (r=16, alpha=32, the seven Llama projections, no dropout) on the embedded
-SmolLM2-135M-Instruct, loaded in bf16 (the checkpoint's dtype) with LoRA weights and AdamW state in fp32 and the
-matmuls under bf16 autocast: Lightwire's default ``precision="bf16"``, and for TRL ``bf16=True`` (accelerate's
-autocast) on the same bf16 model. Same data (agent-like records with logged token ids: a system prompt and a
-conversation of varying length, then a completion; loss on the completion only), same micro-batch (4 sequences,
-max length 512, no gradient accumulation), same optimizer (``torch.optim.AdamW``, lr 1e-4, no weight decay,
-constant rate, gradients clipped to norm 1). Both sort sequences of similar length into the same micro-batch
-(Lightwire's bucketing, TRL's ``train_sampling_strategy="group_by_length"``) and pad on the right; padding is
-reported for both. TRL runs without evaluation, checkpoints, gradient checkpointing (SFTConfig's default is on,
-Lightwire does not use it) or reporting, and with ``logging_steps`` past the end of the run. TRL still computes
-its per-step entropy and token-accuracy metrics: that is part of its ``compute_loss``, not a logging option.
+SmolLM2-135M-Instruct in the precision Lightwire's default ``precision="auto"`` picks on this CPU
+(:func:`optimizers.model.resolve_precision`), with LoRA weights and AdamW state in fp32: where the CPU does bf16
+natively, bf16 weights (the checkpoint's dtype) and matmuls under bf16 autocast, and for TRL ``bf16=True``
+(accelerate's autocast) on the same bf16 model; elsewhere fp32 for both (``--precision`` forces one). Same data
+(agent-like records with logged token ids: a system prompt and a conversation of varying length, then a completion;
+loss on the completion only), same micro-batch (4 sequences, max length 512, no gradient accumulation), same
+optimizer (``torch.optim.AdamW``, lr 1e-4, no weight decay, constant rate, gradients clipped to norm 1). Both sort
+sequences of similar length into the same micro-batch (Lightwire's bucketing, TRL's
+``train_sampling_strategy="group_by_length"``) and pad on the right; padding is reported for both. TRL runs without
+evaluation, checkpoints, gradient checkpointing (SFTConfig's default is on, Lightwire does not use it) or
+reporting, and with ``logging_steps`` past the end of the run. TRL still computes its per-step entropy and
+token-accuracy metrics: that is part of its ``compute_loss``, not a logging option.
 
 Schedule: rounds of [Lightwire, TRL] (order swapped every round), each run ``WARMUP_STEPS`` steps then
 ``TIMED_STEPS`` timed ones, with a different data seed per round, identical for both. Each system trains its
@@ -42,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.machine import busy_seconds
-from optimizers.model import LoraOptions, load_policy
+from optimizers.model import LoraOptions, load_policy, resolve_precision
 from optimizers.trainer import TrainConfig, default_cache_dir, train
 
 BATCH_SIZE = 4
@@ -115,8 +117,10 @@ class CpuMeter:
 # Lightwire ---------------------------------------------------------------------------------------------------
 
 
-def lightwire_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Path, threads: int | None) -> Any:
-    policy = load_policy(model_dir, lora=LoraOptions(), precision="bf16", device=torch.device("cpu"))
+def lightwire_runner(
+    model_dir: Path, records: list[dict[str, Any]], workdir: Path, threads: int | None, precision: str
+) -> Any:
+    policy = load_policy(model_dir, lora=LoraOptions(), precision=precision, device=torch.device("cpu"))
 
     def run(round_index: int, warmup: int, timed: int) -> list[dict[str, float]]:
         config = TrainConfig(
@@ -131,7 +135,7 @@ def lightwire_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Pa
             weight_decay=0.0,
             max_grad_norm=1.0,
             seed=round_index,
-            precision="bf16",
+            precision=precision,
             threads=threads,
             progress=False,
             save_every=0,
@@ -145,7 +149,7 @@ def lightwire_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Pa
 # TRL ---------------------------------------------------------------------------------------------------------
 
 
-def trl_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Path) -> Any:
+def trl_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Path, precision: str) -> Any:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -159,7 +163,8 @@ def trl_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Path) ->
         prompt, completion = r["prompt_token_ids"], r["completion_token_ids"]
         rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
     dataset = Dataset.from_list(rows)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LLAMA_TARGET_MODULES), bias="none")
     torch.manual_seed(0)
     model = get_peft_model(base, lora)
@@ -188,7 +193,7 @@ def trl_runner(model_dir: Path, records: list[dict[str, Any]], workdir: Path) ->
             weight_decay=0.0,
             max_grad_norm=1.0,
             optim="adamw_torch",
-            bf16=True,
+            bf16=precision == "bf16",
             use_cpu=True,
             gradient_checkpointing=False,
             completion_only_loss=True,
@@ -251,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="One round of a few steps (a smoke run).")
     parser.add_argument("--threads", type=int, help="torch CPU threads for both (default: torch's choice).")
     parser.add_argument("--out", type=Path, help="Also write the JSON report to this file.")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="For both (see above).")
     args = parser.parse_args(argv)
     try:
         import trl
@@ -277,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from optimizers.embedded import prepare_default_model
 
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+
     model_dir = prepare_default_model(default_cache_dir())
     from transformers import AutoTokenizer
 
@@ -284,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in records]
     with tempfile.TemporaryDirectory(prefix="lightwire-train-bench-") as tmp:
         workdir = Path(tmp)
-        systems = {"lightwire": lightwire_runner(model_dir, records, workdir, args.threads)}
-        systems["trl"], trl_lora_dtype = trl_runner(model_dir, records, workdir)
+        systems = {"lightwire": lightwire_runner(model_dir, records, workdir, args.threads, precision)}
+        systems["trl"], trl_lora_dtype = trl_runner(model_dir, records, workdir, precision)
         steps: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
         per_round: dict[str, list[float]] = {name: [] for name in systems}
         meter = CpuMeter()
@@ -306,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             "model": model_dir.name,
             "lora": {"r": 16, "alpha": 32, "targets": "q,k,v,o,gate,up,down", "dropout": 0.0},
-            "precision": "bf16 weights, fp32 LoRA + AdamW, bf16 autocast",
+            "precision": {
+                "bf16": "bf16 weights, fp32 LoRA + AdamW, bf16 autocast",
+                "fp32": "fp32 weights, LoRA and AdamW",
+            }[precision],
             "trl_lora_dtype": trl_lora_dtype,
             "device": "cpu",
             "threads": torch.get_num_threads(),
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text + "\n")
     lw, tr = results["lightwire"]["tokens_per_second"], results["trl"]["tokens_per_second"]
     print(
-        f"train throughput (LoRA r=16 all-linear, bf16 autocast, cpu x{torch.get_num_threads()} threads): "
+        f"train throughput (LoRA r=16 all-linear, {precision}, cpu x{torch.get_num_threads()} threads): "
         f"lightwire {lw:.0f} tok/s, TRL SFTTrainer {tr:.0f} tok/s: {ratio:.2f}x TRL "
         f"(target >= {TARGET_RATIO:.1f}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'})"
     )

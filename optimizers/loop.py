@@ -294,9 +294,8 @@ class Optimizer:
         if proc.returncode != 0:
             raise RuntimeError(f"the trainer exited with {proc.returncode}; see {folder / 'trainer.log'}")
         summary = json.loads(output.decode().strip().splitlines()[-1])
-        training = {
-            k: summary.get(k) for k in ("losses", "tokens", "seconds", "tokens_per_second", "examples", "step", "note")
-        }
+        kept = ("losses", "tokens", "seconds", "tokens_per_second", "examples", "step", "note", "precision")
+        training = {k: summary.get(k) for k in kept}
         return training, Path(summary["adapter_dir"])
 
     # -- evaluation ---------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Precision (``--precision``). LoRA weights, their gradients and AdamW's state are fp32 in every mode; the loss's
 log-softmax is fp32. What differs is the frozen base and the matmuls:
 
-* ``bf16`` (default, CPU and CUDA): base weights held in bf16 (the embedded model's weights are bf16 on disk, so
-  fp32 copies add no information), matmuls under ``torch.autocast(dtype=bfloat16)``.
+* ``auto`` (default): ``bf16`` where the device multiplies bf16 matrices natively, else ``fp32``
+  (:func:`resolve_precision`).
+* ``bf16``: base weights held in bf16 (the embedded model's weights are bf16 on disk, so fp32 copies add no
+  information), matmuls under ``torch.autocast(dtype=bfloat16)``.
 * ``fp32-autocast``: fp32 base weights under the same autocast (re-cast to bf16 on every forward).
 * ``fp32``: no autocast; the reference.
 
@@ -12,9 +14,12 @@ Measured here (SmolLM2-135M, r=16 on all seven projections, 4 sequences of ~250-
 three interleaved, tokens per CPU-second because the machine was shared): bf16 149, fp32-autocast 150, fp32 108.
 Against fp32, the LoRA gradient's relative error was 3.9 % (bf16) and 2.4 % (fp32-autocast), the completion
 logprobs differed by 0.050 and 0.040 nats on average. Same speed and both stable (fp32 master weights and
-optimizer state either way), so the default is ``bf16``: half the memory for the frozen weights (0.27 instead of
-0.54 GB here, and it scales with the model), and the numerics of the bf16 weights vLLM serves and logs
-behaviour logprobs with.
+optimizer state either way), so ``bf16`` is what ``auto`` picks where it is fast: half the memory for the frozen
+weights (0.27 instead of 0.54 GB here, and it scales with the model), and the numerics of the bf16 weights vLLM
+serves and logs behaviour logprobs with. A CPU without bf16 instructions (AVX-512 BF16, AMX, Arm's BF16), such as
+an AVX2-only Xeon or most laptops' x86 chips, has torch emulate them: there a bf16 matmul ran ~70x slower than
+fp32 (1.1 against 77 GFLOP/s, one thread) and a training step 16x slower (5.4 against 85 tokens a second), so
+``auto`` measures the CPU once and trains in ``fp32`` there.
 
 The logprobs are computed on the completion positions only: the backbone runs over the whole sequence, but the
 output projection (49k x 576 for SmolLM2, about a fifth of the model's compute per token) and the softmax run
@@ -29,8 +34,10 @@ nothing ever reaches for a model hub.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: The Llama linear layers vLLM can serve LoRA weights for (all of them but the output head).
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRECISIONS = ("bf16", "fp32-autocast", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32-autocast", "fp32")
+#: ``auto`` takes bf16 on a CPU whose bf16 matmul is at most this many times slower than its fp32 one (native bf16
+#: is as fast or faster; emulated, ~70x slower).
+BF16_SLOWDOWN_TOLERATED = 2.0
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -67,9 +77,46 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision mode to train in: ``precision`` itself, or for ``auto`` ``bf16`` where ``device`` does bf16
+    matmuls natively (a CUDA device that supports it; a CPU measured by :func:`cpu_bf16_is_fast`), else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_is_fast()
+    return "bf16" if native else "fp32"
+
+
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices about as fast as fp32 ones (within ``BF16_SLOWDOWN_TOLERATED``),
+    timed on a 64x512 by 512x512 product with torch's current threads: ~0.1 s where bf16 is emulated."""
+    a, b = torch.randn(64, 512), torch.randn(512, 512)
+
+    def fastest(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # the first call may build the kernel
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    fp32, bf16 = fastest(a, b), fastest(a.bfloat16(), b.bfloat16())
+    fast = bf16 <= BF16_SLOWDOWN_TOLERATED * fp32
+    logger.info(
+        "bf16 matmuls on this CPU: %.2f ms against %.2f ms in fp32 (%s)",
+        bf16 * 1e3,
+        fp32 * 1e3,
+        "native" if fast else "emulated: training in fp32",
+    )
+    return fast
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context of a precision mode (a no-op for ``fp32``)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) != "fp32")
 
 
 def load_policy(
@@ -88,9 +135,7 @@ def load_policy(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    if precision not in PRECISIONS:
-        raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     model.to(device)
     model.config.use_cache = False

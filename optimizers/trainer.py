@@ -62,6 +62,7 @@ from optimizers.model import (
     autocast,
     load_policy,
     pick_device,
+    resolve_precision,
     trainable_parameters,
 )
 from optimizers.sft import SFTOptions
@@ -100,7 +101,7 @@ class TrainConfig:
     max_length: int = 1024
     seed: int = 0
     save_every: int = 50
-    precision: str = "bf16"
+    precision: str = "auto"
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
@@ -128,6 +129,8 @@ class TrainResult:
     examples: int
     padding: float
     note: str
+    #: The precision mode trained in (``auto`` resolved: :func:`optimizers.model.resolve_precision`).
+    precision: str
     history: list[dict[str, Any]]
 
     def summary(self) -> dict[str, Any]:
@@ -224,6 +227,7 @@ def train(
             base, lora=config.lora, precision=config.precision, device=device, init_adapter=config.init_adapter
         )
     device = policy.device
+    precision = resolve_precision(config.precision, device)
     parameters = trainable_parameters(policy)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     if checkpoint is not None:
@@ -248,7 +252,7 @@ def train(
             loss_value, tokens, padded, metrics = 0.0, 0, 0, dict[str, float]()
             for step_examples in step_batches:
                 batch = data.collate(step_examples, pad_id=pad_id).to(device)
-                with autocast(config.precision, device):
+                with autocast(precision, device):
                     loss_sum, batch_metrics = algorithm.loss(policy, batch, options)
                 loss = loss_sum / units
                 loss.backward()
@@ -306,6 +310,7 @@ def train(
         examples=len(examples),
         padding=round(padding, 4),
         note=note,
+        precision=precision,
         history=history,
     )
     logger.info("%s %s at step %d/%d: %s", config.algorithm, stopped, step, total_steps, adapter_dir)

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from optimizers import data, grpo, sft
+from optimizers import model as policy_model
 from optimizers.errors import NoUsableDataError, TrainingError
 from optimizers.grpo import GRPOOptions
-from optimizers.model import LLAMA_TARGET_MODULES, LoraOptions, load_policy
+from optimizers.model import LLAMA_TARGET_MODULES, LoraOptions, cpu_bf16_is_fast, load_policy, resolve_precision
 from optimizers.trainer import EXIT_INTERRUPTED, EXIT_NO_DATA, TrainConfig, train
 from tests.training_fixtures import (
     add_behaviour_logprobs,
@@ -82,7 +83,7 @@ def assert_only_lora_changed(policy: Any, before: tuple[dict[str, torch.Tensor],
 def test_sft_learns_the_rewarded_answer_and_saves_a_servable_adapter(
     tmp_path: Path, training_model_dir: Path, training_tokenizer: Any
 ) -> None:
-    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="bf16", device=torch.device("cpu"))
+    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="auto", device=torch.device("cpu"))
     before = snapshot(policy)
     config = settings(tmp_path / "run", training_model_dir, max_steps=8, learning_rate=3e-3)
 
@@ -90,6 +91,7 @@ def test_sft_learns_the_rewarded_answer_and_saves_a_servable_adapter(
 
     assert result.examples == 2  # the reward-0 answer was filtered out
     assert result.stopped == "completed" and result.step == 8
+    assert result.precision == ("bf16" if cpu_bf16_is_fast() else "fp32") == result.summary()["precision"]
     assert result.losses[-1] < result.losses[0] / 10
     assert_only_lora_changed(policy, before)
 
@@ -110,6 +112,32 @@ def test_sft_learns_the_rewarded_answer_and_saves_a_servable_adapter(
     tuned = PeftModel.from_pretrained(base, adapter)
     assert "Lightwire" not in before_answer
     assert greedy_answer(tuned, training_tokenizer, QUESTIONS[0]).startswith("My name is Lightwire")
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_does_bf16_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    for native, chosen in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(policy_model, "cpu_bf16_is_fast", lambda native=native: native)
+        assert resolve_precision("auto", cpu) == chosen
+        assert resolve_precision("fp32-autocast", cpu) == "fp32-autocast"  # an explicit mode is kept
+    with pytest.raises(TrainingError, match="precision must be one of auto, bf16"):
+        resolve_precision("fp16", cpu)
+
+
+def test_the_cpu_measurement_matches_a_larger_bf16_matmul() -> None:
+    """Where bf16 is emulated it is an order of magnitude slower than fp32; where native, about as fast: the
+    quick measurement and a product of the model's size agree on which."""
+    a, b = torch.randn(256, 576), torch.randn(576, 1536)
+
+    def seconds(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y
+        began = time.perf_counter()
+        for _ in range(3):
+            x @ y
+        return time.perf_counter() - began
+
+    ratio = seconds(a.bfloat16(), b.bfloat16()) / seconds(a, b)
+    assert (ratio <= policy_model.BF16_SLOWDOWN_TOLERATED) == cpu_bf16_is_fast(), ratio
 
 
 def test_resume_continues_from_the_saved_step(
@@ -205,7 +233,7 @@ def _metric_lines(out: Path) -> list[str]:
 def test_one_kto_step(tmp_path: Path, training_model_dir: Path, training_tokenizer: Any) -> None:
     good = [make_record(training_tokenizer, q, ANSWER, reward=1.0) for q in QUESTIONS]
     bad = [make_record(training_tokenizer, q, "I don't know.", reward=0.0) for q in QUESTIONS]
-    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="bf16", device=torch.device("cpu"))
+    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="auto", device=torch.device("cpu"))
     before = snapshot(policy)
 
     result = train(good + bad, settings(tmp_path, training_model_dir, algorithm="kto", batch_size=4), model=policy)
@@ -226,7 +254,7 @@ def test_one_grpo_step_skips_equal_reward_groups(
     answers += [(q1, ANSWER, 1.0), (q1, "I am Bob.", 1.0)]  # no signal: skipped
     records = [make_record(training_tokenizer, q, a, reward=r) for q, a, r in answers]
     add_behaviour_logprobs(load_base(training_model_dir), records)
-    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="bf16", device=torch.device("cpu"))
+    policy = load_policy(training_model_dir, lora=LoraOptions(), precision="auto", device=torch.device("cpu"))
     before = snapshot(policy)
 
     result = train(records, settings(tmp_path, training_model_dir, algorithm="grpo", batch_size=4), model=policy)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from optimizers.embedded import prepare_default_model
+from optimizers.model import cpu_bf16_is_fast
 
 
 def cache_dir() -> Path:
@@ -80,7 +81,9 @@ def make_record(
 def load_base(model_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    # bf16, as vLLM serves it, where this CPU computes in bf16 natively; else fp32, as the trainer then trains.
+    dtype = torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     return model
 
