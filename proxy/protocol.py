@@ -260,9 +260,9 @@ def _sampled_logprobs(logprobs: dict[str, Any] | None) -> list[float] | None:
 
 def hidden_copy(response: dict[str, Any], injected: Injected) -> dict[str, Any]:
     """The response as the client saw it, for the record (keeping stream usage), leaving the original intact."""
-    injected = replace(injected, usage=False)
-    if not injected:
+    if not (injected.token_ids or injected.logprobs):  # injected usage stays: the record keeps a stream's usage
         return response
+    injected = replace(injected, usage=False)
     return hide(copy.deepcopy(response), injected) or response
 
 

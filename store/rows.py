@@ -93,8 +93,8 @@ class Table:
         row with such a value in a required column is refused (left out, and returned)."""
         arrays = []
         refused: dict[int, str] = {}
-        for i, field in enumerate(self.schema):
-            values = [row[i] for row in rows]
+        columns = list(zip(*rows, strict=True)) or [()] * len(self.schema)
+        for field, values in zip(self.schema, columns, strict=True):
             try:
                 arrays.append(pa.array(values, type=field.type))
                 continue
