@@ -14,6 +14,13 @@ that each stack's count is about the stalled time spent there, in ``SAMPLE``s. A
 (``selectors.py ... select``) is a loop that had nothing to run and did not get back the CPU or the GIL in time:
 the stall was another thread's or process's, not the loop's own work; what the other threads were at in the
 same looks is counted beside (``beside``: thread name and innermost frames).
+
+Where the stalled loop thread's time went, by the kernel's account (Linux: ``/proc/self/task/<id>/schedstat``,
+read at every look): on a CPU (its own work, a system call's), runnable but waiting for a CPU (another thread or
+process had its core), or off the CPU (blocked: waiting for the GIL, a lock, a page fault's I/O). Only intervals
+between two looks that lie wholly inside a stall count (``stalled_time``). A stack in a system call that releases
+the GIL (a socket write, the selector) reads "off the CPU" when the loop waited for the GIL after it, "waiting for
+a CPU" when for its core.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import heapq
+import os
 import sys
 import threading
 import time
@@ -60,6 +68,7 @@ class LoopWatch:
         self.stacks: Counter[tuple[str, ...]] = Counter()  # samples taken in stalls, by stack
         self.beside: Counter[tuple[str, ...]] = Counter()  # what the other threads were at then: name, stack
         self._beat = time.monotonic()  # the loop's last wake-up
+        self.stalled_time = {"on_cpu": 0.0, "waiting_for_cpu": 0.0, "off_cpu": 0.0}  # seconds, see the docstring
 
     def report(self) -> dict[str, Any]:
         return {
@@ -75,6 +84,7 @@ class LoopWatch:
                 "longest_ms": [round(ms, 2) for ms in self.gc_longest_ms],
                 "total_s": round(self.gc_total_s, 3),
             },
+            "stalled_time_ms": {k: round(v * 1000) for k, v in self.stalled_time.items()},
             "stacks": [
                 {"samples": n, "ms": round(n * SAMPLE * 1000), "frames": list(stack)} for stack, n in _top(self.stacks)
             ],
@@ -106,19 +116,32 @@ class LoopWatch:
         elif ms > self.longest[0][0]:
             heapq.heapreplace(self.longest, entry)
 
-    def sample(self, loop_thread: int, stop: threading.Event) -> None:
-        """The sampler thread's loop: count the loop thread's stack at each look that finds the loop stalled."""
-        while not stop.wait(SAMPLE):
-            if time.monotonic() - self._beat < STACK_AFTER:
-                continue
-            frames = sys._current_frames()
-            names = {thread.ident: thread.name for thread in threading.enumerate()}
-            for ident, frame in frames.items():
-                if ident == loop_thread:
-                    _count(self.stacks, _stack(frame, FRAMES))
-                elif ident != threading.get_ident():
-                    _count(self.beside, (names.get(ident, "?"), *_stack(frame, BESIDE_FRAMES)))
-            del frames
+    def sample(self, loop_thread: int, loop_native_id: int, stop: threading.Event) -> None:
+        """The sampler thread's loop: at each look that finds the loop stalled, count the loop thread's stack and
+        account for its time since the look before."""
+        with _Schedstat(loop_native_id) as schedstat:
+            looked, times = time.monotonic(), schedstat.read()
+            while not stop.wait(SAMPLE):
+                before, times_before = looked, times
+                looked, times = time.monotonic(), schedstat.read()
+                if looked - self._beat < STACK_AFTER:
+                    continue
+                if times is not None and times_before is not None and before >= self._beat:  # wholly stalled
+                    on_cpu, waiting = times[0] - times_before[0], times[1] - times_before[1]
+                    self.stalled_time["on_cpu"] += on_cpu
+                    self.stalled_time["waiting_for_cpu"] += waiting
+                    self.stalled_time["off_cpu"] += max(0.0, looked - before - on_cpu - waiting)
+                self._look(loop_thread)
+
+    def _look(self, loop_thread: int) -> None:
+        frames = sys._current_frames()
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        for ident, frame in frames.items():
+            if ident == loop_thread:
+                _count(self.stacks, _stack(frame, FRAMES))
+            elif ident != threading.get_ident():
+                _count(self.beside, (names.get(ident, "?"), *_stack(frame, BESIDE_FRAMES)))
+        del frames
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -129,6 +152,30 @@ class LoopWatch:
         self.gc_count[generation] += 1
         self.gc_total_s += took
         self.gc_longest_ms[generation] = max(self.gc_longest_ms[generation], took * 1000)
+
+
+class _Schedstat:
+    """One thread's time by the kernel's account, in seconds: on a CPU, and runnable waiting for one. None where
+    there is no ``/proc`` (not Linux)."""
+
+    def __init__(self, native_id: int) -> None:
+        try:
+            self._fd: int | None = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __enter__(self) -> _Schedstat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def read(self) -> tuple[float, float] | None:
+        if self._fd is None:
+            return None
+        on_cpu, waiting, _ = os.pread(self._fd, 128, 0).split()
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
 def _top(counter: Counter[tuple[str, ...]]) -> list[tuple[tuple[str, ...], int]]:
@@ -163,7 +210,10 @@ async def loop_watch_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(watch.run())
     stop = threading.Event()
     sampler = threading.Thread(
-        target=watch.sample, args=(threading.get_ident(), stop), name="lightwire-loop-sampler", daemon=True
+        target=watch.sample,
+        args=(threading.get_ident(), threading.get_native_id(), stop),
+        name="lightwire-loop-sampler",
+        daemon=True,
     )
     sampler.start()
     try:

@@ -113,6 +113,26 @@ async def test_healthz_shows_a_stall_of_the_event_loop_the_collection_inside_it_
     assert "lightwire-store-writer" in threads and "lightwire-loop-sampler" not in threads, after["beside"]
 
 
+async def test_healthz_tells_a_stall_spent_off_the_cpu_from_one_spent_on_it(proxy: Proxy) -> None:
+    """The loop thread blocked (asleep here, as when it waits for the GIL) is off the CPU; busy, on it."""
+
+    async def spent() -> dict[str, int]:
+        return dict((await healthz(proxy))["loop"]["stalled_time_ms"])
+
+    before = await spent()
+    time.sleep(0.1)
+    slept = await spent()
+    end = time.perf_counter() + 0.1
+    while time.perf_counter() < end:
+        pass
+    busy = await spent()
+    asleep = {k: slept[k] - before[k] for k in before}
+    working = {k: busy[k] - slept[k] for k in before}
+    # ~70 ms of each is sampled: the looks from 20 ms into the stall, every 10 ms
+    assert asleep["off_cpu"] >= 40 and asleep["on_cpu"] + asleep["waiting_for_cpu"] < 15, asleep
+    assert working["on_cpu"] + working["waiting_for_cpu"] >= 40 and working["off_cpu"] < 15, working
+
+
 async def test_a_conversation_older_than_the_session_index_starts_a_new_session(
     fake: FakeUpstream, start_proxy
 ) -> None:
