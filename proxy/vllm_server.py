@@ -85,6 +85,8 @@ class VllmOptions:
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     stop_grace_s: float = DEFAULT_STOP_GRACE_S
     python: str = sys.executable
+    #: The weights' dtype as served; "auto": :func:`serving_dtype`.
+    dtype: str = "auto"
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -95,6 +97,25 @@ def free_loopback_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def serving_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """``bfloat16`` where the CPU has bf16 instructions (x86: AVX-512 BF16 or AMX; Arm: BF16), else ``float32``.
+
+    vLLM-CPU serves bfloat16 on any x86 CPU, but without those instructions its matmuls fall back to torch's
+    emulated bf16: on an AVX2-only Xeon, 16 answers at once came at 19.5 tokens/s in bfloat16 and 60.7 in float32
+    (one at a time, 12.3 and 13.9). Where the flags cannot be read (not Linux), bfloat16, vLLM's own choice.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "bfloat16"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "float32"
 
 
 def build_command(options: VllmOptions, port: int) -> list[str]:
@@ -113,7 +134,7 @@ def build_command(options: VllmOptions, port: int) -> list[str]:
         "--port",
         str(port),
         "--dtype",
-        "bfloat16",
+        serving_dtype() if options.dtype == "auto" else options.dtype,
         "--max-model-len",
         str(options.max_model_len),
         "--enable-lora",

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from optimizers.embedded import DEFAULT_MODEL_NAME
-from proxy.vllm_server import VllmServer
+from proxy.vllm_server import VllmServer, serving_dtype
 from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 
 pytestmark = [
@@ -50,6 +50,11 @@ async def test_base_model_knows_the_capital_of_france(vllm_server: VllmServer) -
     # The chat template and generation config make the model end its turn instead of running on.
     assert choice["finish_reason"] == "stop"
     assert completion["model"] == DEFAULT_MODEL_NAME
+
+
+async def test_the_server_runs_in_the_dtype_this_cpu_computes_natively(vllm_server: VllmServer) -> None:
+    await vllm_server.wait_ready(timeout=RESTART_TIMEOUT_S)
+    assert f"dtype=torch.{serving_dtype()}," in vllm_server.options.log_path.read_text(errors="replace")
 
 
 async def test_supervisor_restarts_a_killed_server(vllm_server: VllmServer) -> None:
