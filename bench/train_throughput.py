@@ -4,7 +4,7 @@
 
 Both train the same LoRA (r=16, alpha=32, the seven Llama projections, no dropout) on the embedded
 SmolLM2-135M-Instruct in the precision Lightwire's default ``precision="auto"`` picks on this CPU
-(:func:`optimizers.model.resolve_precision`), with LoRA weights and AdamW state in fp32: where the CPU does bf16
+(:func:`optimizers.precision.resolve_precision`), with LoRA weights and AdamW state in fp32: where the CPU does bf16
 natively, bf16 weights (the checkpoint's dtype) and matmuls under bf16 autocast, and for TRL ``bf16=True``
 (accelerate's autocast) on the same bf16 model; elsewhere fp32 for both (``--precision`` forces one). Same data
 (agent-like records with logged token ids: a system prompt and a conversation of varying length, then a completion;
@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from bench.machine import busy_seconds
-from optimizers.model import LoraOptions, load_policy, resolve_precision
+from optimizers.model import LoraOptions, load_policy
+from optimizers.precision import resolve_precision
 from optimizers.trainer import TrainConfig, default_cache_dir, train
 
 BATCH_SIZE = 4

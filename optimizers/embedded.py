@@ -197,7 +197,7 @@ def _check(folder: Path) -> str:
             if tensor.dtype != torch.bfloat16 or not bool(torch.isfinite(tensor).all()):
                 raise EmbeddedModelError(f"{folder}: weight {name} is not finite bf16 ({tensor.dtype})")
 
-    from optimizers.model import cpu_bf16_is_fast
+    from optimizers.precision import cpu_bf16_is_fast
 
     # The bf16 weights, computed in fp32 where this CPU would emulate bf16 (~70x slower: optimizers.model).
     dtype = torch.bfloat16 if cpu_bf16_is_fast() else torch.float32

@@ -4,7 +4,7 @@ Precision (``--precision``). LoRA weights, their gradients and AdamW's state are
 log-softmax is fp32. What differs is the frozen base and the matmuls:
 
 * ``auto`` (default): ``bf16`` where the device multiplies bf16 matrices natively, else ``fp32``
-  (:func:`resolve_precision`).
+  (:func:`optimizers.precision.resolve_precision`).
 * ``bf16``: base weights held in bf16 (the embedded model's weights are bf16 on disk, so fp32 copies add no
   information), matmuls under ``torch.autocast(dtype=bfloat16)``.
 * ``fp32-autocast``: fp32 base weights under the same autocast (re-cast to bf16 on every forward).
@@ -34,10 +34,8 @@ nothing ever reaches for a model hub.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +45,12 @@ import torch
 
 from optimizers.data import Batch
 from optimizers.errors import TrainingError
+from optimizers.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
 #: The Llama linear layers vLLM can serve LoRA weights for (all of them but the output head).
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRECISIONS = ("auto", "bf16", "fp32-autocast", "fp32")
-#: ``auto`` takes bf16 on a CPU whose bf16 matmul is at most this many times slower than its fp32 one (native bf16
-#: is as fast or faster; emulated, ~70x slower).
-BF16_SLOWDOWN_TOLERATED = 2.0
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -75,48 +70,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA device")
     return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision mode to train in: ``precision`` itself, or for ``auto`` ``bf16`` where ``device`` does bf16
-    matmuls natively (a CUDA device that supports it; a CPU measured by :func:`cpu_bf16_is_fast`), else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision != "auto":
-        return precision
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_is_fast()
-    return "bf16" if native else "fp32"
-
-
-@functools.cache
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices about as fast as fp32 ones (within ``BF16_SLOWDOWN_TOLERATED``),
-    timed on a 64x512 by 512x512 product with torch's current threads: ~0.1 s where bf16 is emulated."""
-    a, b = torch.randn(64, 512), torch.randn(512, 512)
-
-    def fastest(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # the first call may build the kernel
-        times = []
-        for _ in range(3):
-            began = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - began)
-        return min(times)
-
-    fp32, bf16 = fastest(a, b), fastest(a.bfloat16(), b.bfloat16())
-    fast = bf16 <= BF16_SLOWDOWN_TOLERATED * fp32
-    logger.info(
-        "bf16 matmuls on this CPU: %.2f ms against %.2f ms in fp32 (%s)",
-        bf16 * 1e3,
-        fp32 * 1e3,
-        "native" if fast else "emulated: training in fp32",
-    )
-    return fast
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context of a precision mode (a no-op for ``fp32``)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) != "fp32")
 
 
 def load_policy(

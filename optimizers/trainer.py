@@ -57,14 +57,12 @@ from optimizers.grpo import GRPOOptions
 from optimizers.kto import KL_MODES, KTOOptions
 from optimizers.model import (
     LLAMA_TARGET_MODULES,
-    PRECISIONS,
     LoraOptions,
-    autocast,
     load_policy,
     pick_device,
-    resolve_precision,
     trainable_parameters,
 )
+from optimizers.precision import PRECISIONS, autocast, resolve_precision
 from optimizers.sft import SFTOptions
 
 logger = logging.getLogger(__name__)
@@ -129,7 +127,7 @@ class TrainResult:
     examples: int
     padding: float
     note: str
-    #: The precision mode trained in (``auto`` resolved: :func:`optimizers.model.resolve_precision`).
+    #: The precision mode trained in (``auto`` resolved: :func:`optimizers.precision.resolve_precision`).
     precision: str
     history: list[dict[str, Any]]
 

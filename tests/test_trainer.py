@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimizers import data, grpo, sft
-from optimizers import model as policy_model
+from optimizers import data, grpo, precision, sft
 from optimizers.errors import NoUsableDataError, TrainingError
 from optimizers.grpo import GRPOOptions
-from optimizers.model import LLAMA_TARGET_MODULES, LoraOptions, cpu_bf16_is_fast, load_policy, resolve_precision
+from optimizers.model import LLAMA_TARGET_MODULES, LoraOptions, load_policy
+from optimizers.precision import cpu_bf16_is_fast, resolve_precision
 from optimizers.trainer import EXIT_INTERRUPTED, EXIT_NO_DATA, TrainConfig, train
 from tests.training_fixtures import (
     add_behaviour_logprobs,
@@ -117,7 +117,7 @@ def test_sft_learns_the_rewarded_answer_and_saves_a_servable_adapter(
 def test_auto_precision_is_bf16_only_where_the_cpu_does_bf16_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for native, chosen in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(policy_model, "cpu_bf16_is_fast", lambda native=native: native)
+        monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda native=native: native)
         assert resolve_precision("auto", cpu) == chosen
         assert resolve_precision("fp32-autocast", cpu) == "fp32-autocast"  # an explicit mode is kept
     with pytest.raises(TrainingError, match="precision must be one of auto, bf16"):
@@ -137,7 +137,7 @@ def test_the_cpu_measurement_matches_a_larger_bf16_matmul() -> None:
         return time.perf_counter() - began
 
     ratio = seconds(a.bfloat16(), b.bfloat16()) / seconds(a, b)
-    assert (ratio <= policy_model.BF16_SLOWDOWN_TOLERATED) == cpu_bf16_is_fast(), ratio
+    assert (ratio <= precision.BF16_SLOWDOWN_TOLERATED) == cpu_bf16_is_fast(), ratio
 
 
 def test_resume_continues_from_the_saved_step(

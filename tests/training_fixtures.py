@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from optimizers.embedded import prepare_default_model
-from optimizers.model import cpu_bf16_is_fast
+from optimizers.precision import cpu_bf16_is_fast
 
 
 def cache_dir() -> Path:
