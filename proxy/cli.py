@@ -110,6 +110,11 @@ def reimport_main(config: settings.Config) -> None:
 
 
 def serve_forever(config: settings.Config) -> None:
+    """Serve until SIGINT or SIGTERM, on uvloop: with the proxy pinned to one core (``bench/proxy_overhead.py``),
+    it took 6-10 % less CPU a call than asyncio's own loop (1.16 against 1.24 ms at 700 calls/s, 0.55 against
+    0.61 ms at concurrency 32, medians of three interleaved runs) and answered 10 % more calls at concurrency 32."""
+    import uvloop
+
     from proxy.app import create_app
 
     log = logging.getLogger("lightwire")
@@ -118,6 +123,7 @@ def serve_forever(config: settings.Config) -> None:
     app.on_startup.append(settle_heap)  # runs after the app's own start-up (its cleanup contexts)
     web.run_app(
         app,
+        loop=uvloop.new_event_loop(),
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_timeout,
