@@ -92,7 +92,7 @@ class Config:
     # Store
     db: Path = setting(Path("lightwire.duckdb"), "DuckDB file holding spans and feedback.")
     flush_interval_ms: float = setting(
-        50.0, "Most milliseconds from a span reaching the store's writer to its commit (what SIGKILL can lose)."
+        200.0, "Most milliseconds from a span reaching the store's writer to its commit (what SIGKILL can lose)."
     )
     max_pending_spans: int = setting(
         10_000, "Spans that may wait for the store; past this new calls wait (backpressure)."

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.relay import SPAN_HEADER
-from store.writer import WRITER_NICENESS
+from store.writer import FLUSH_INTERVAL, WRITER_NICENESS
 from tests.conftest import Proxy, read_rows
 from tests.fake_upstream import FakeUpstream
 
@@ -208,7 +208,7 @@ async def test_sigkill_under_load_loses_only_the_calls_the_writer_had_not_reache
     await load.finish()
     written = {r["span_id"] for r in read_rows(tmp_path / "spans.duckdb", "SELECT span_id FROM spans")}
     lost = [ended for ended, span_id in load.answered if span_id not in written]
-    last_interval = sum(1 for ended, _ in load.answered if ended > killed - 0.05)  # the default flush interval
+    last_interval = sum(1 for ended, _ in load.answered if ended > killed - FLUSH_INTERVAL)
     print(
         f"SIGKILL under load: {len(load.answered)} answered, {len(lost)} lost, {last_interval} ended in the last "
         f"flush interval; the oldest lost ended {(killed - min(lost, default=killed)) * 1000:.0f} ms before the kill"
