@@ -44,7 +44,7 @@ from proxy.feedback import FEEDBACK_DESK, FeedbackDesk, end_session, post_feedba
 from proxy.fleet import SHIPPER, shipping
 from proxy.groups import SAMPLER, sampling
 from proxy.hooks import HOOKS, HookRunner, judges
-from proxy.loopwatch import LOOP_WATCH, loop_watch_ctx
+from proxy.loopwatch import LOOP_WATCH, loop_watch_ctx, watch_middleware
 from proxy.memory import MEMORY, Memory
 from proxy.memory_api import MEMORY_BUILDER
 from proxy.memory_publish import BANKS, BankPublisher
@@ -80,7 +80,8 @@ NAMED_SESSION_SOURCES = frozenset({"header", "path", "traceparent", "previous_re
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[errors_middleware, auth_middleware])
+    middlewares = [watch_middleware, errors_middleware, auth_middleware]
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = config
     hooks = HookRunner(config, group_timeout=config.group_timeout)  # a bad hook name is a ConfigError here
     if hooks.active:

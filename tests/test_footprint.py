@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 
+from proxy import loopwatch
 from proxy.app import ENDS_PER_TURN, end_sessions
 from proxy.sessions import Sessions
 from store import writer as writer_module
@@ -131,6 +133,52 @@ async def test_healthz_tells_a_stall_spent_off_the_cpu_from_one_spent_on_it(prox
     # ~70 ms of each is sampled: the looks from 20 ms into the stall, every 10 ms
     assert asleep["off_cpu"] >= 40 and asleep["on_cpu"] + asleep["waiting_for_cpu"] < 15, asleep
     assert working["on_cpu"] + working["waiting_for_cpu"] >= 40 and working["off_cpu"] < 15, working
+
+
+async def test_an_idle_watch_ticks_seldom_and_a_request_makes_it_tick_often_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waking every 5 ms costs an idle sidecar CPU for nothing: with no request for IDLE_AFTER it ticks every
+    IDLE_TICK; a request wakes it at once, and a stall while it is in flight is measured as finely as before."""
+    monkeypatch.setattr(loopwatch, "IDLE_AFTER", 0.05)
+    watch = loopwatch.LoopWatch()
+    task = asyncio.create_task(watch.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert watch.tick == loopwatch.IDLE_TICK
+        wakeups = watch.wakeups
+        await asyncio.sleep(0.5)
+        assert watch.wakeups - wakeups <= 7  # ~5; every 5 ms would be ~100
+        watch.request_began()
+        await asyncio.sleep(0)  # the idle wait ends now, not up to IDLE_TICK later
+        assert watch.tick == loopwatch.TICK
+        await asyncio.sleep(0.01)
+        time.sleep(0.03)  # a stall a request in flight waits out
+        await asyncio.sleep(0.01)
+        assert any(ms >= 25 for ms, _, _ in watch.longest), watch.longest
+        watch.request_ended()
+        await asyncio.sleep(0.2)
+        assert watch.tick == loopwatch.IDLE_TICK
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_every_request_is_in_flight_for_the_watch_until_it_ends(proxy: Proxy, fake: FakeUpstream) -> None:
+    assert proxy.runner is not None
+    watch = proxy.runner.app[loopwatch.LOOP_WATCH]
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay": "0.05"},
+    )
+    seen = [watch.in_flight async for _ in stream]
+    assert seen[:5] == [1] * 5, seen  # the last chunk may come after the handler has ended
+    await asyncio.sleep(0.05)
+    assert watch.in_flight == 0
 
 
 async def test_a_conversation_older_than_the_session_index_starts_a_new_session(
