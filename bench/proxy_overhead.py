@@ -458,17 +458,26 @@ async def start_fake(fleet: Fleet) -> Target:
 
 
 async def start_lightwire(
-    session: aiohttp.ClientSession, fleet: Fleet, upstream: str, db: Path, *, name: str = "lightwire", bank: int = 0
+    session: aiohttp.ClientSession,
+    fleet: Fleet,
+    upstream: str,
+    db: Path,
+    *,
+    name: str = "lightwire",
+    bank: int = 0,
+    checkout: Path | None = None,
 ) -> Target:
     """Lightwire with its defaults; with ``bank`` trajectories, a second one serving an active memory bank of
-    that many, in which every call here finds examples (one trajectory in ten shares its words)."""
+    that many, in which every call here finds examples (one trajectory in ten shares its words); with
+    ``checkout``, the code of that folder (first on its ``PYTHONPATH``)."""
     port = free_port()
     argv = [str(BIN / "lightwire"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--db", str(db), "--upstream", upstream, "--api-key", API_KEY]
     if bank:
         memory_lookup.seed(db, fleet.workdir / "memory", bank, mention=MESSAGES[-1]["content"])
         argv += ["--memory", MODEL]
-    server = await fleet.spawn(name, argv, cpu=PROXY_CPU)
+    env = dict(os.environ, PYTHONPATH=str(checkout)) if checkout is not None else None
+    server = await fleet.spawn(name, argv, cpu=PROXY_CPU, env=env)
     await wait_ready(session, server, f"http://127.0.0.1:{port}/healthz")
     return Target(name, f"http://127.0.0.1:{port}/v1", server.proc.pid)
 
