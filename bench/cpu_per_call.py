@@ -30,7 +30,7 @@ import aiohttp
 
 from bench import proxy_overhead as po
 from bench import report as report_cli
-from bench.machine import CLOCK_TICKS
+from bench.machine import process_seconds
 
 RATES = (50.0, 700.0)
 REST_S = 10.0
@@ -42,15 +42,8 @@ CLOSED_RUN_S = 10.0
 
 def loop_and_others(pid: int) -> tuple[float, float]:
     """CPU seconds of a process's main thread (its event loop) and of all its other threads."""
-    loop = others = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()
-        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        if int(tid) == pid:
-            loop += seconds
-        else:
-            others += seconds
-    return loop, others
+    loop = process_seconds(pid, thread=pid)
+    return loop, process_seconds(pid) - loop
 
 
 async def measure(session: aiohttp.ClientSession, server: po.Target) -> dict[str, Any]:

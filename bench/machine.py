@@ -16,9 +16,10 @@ def busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
-def process_seconds(pid: int) -> float:
-    """User and system CPU time of a live process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def process_seconds(pid: int, thread: int | None = None) -> float:
+    """User and system CPU time of a live process, all its threads, or of one of them (a thread id)."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(stat).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
