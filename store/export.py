@@ -63,7 +63,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from store import credit, items
+from store import credit, idkeys, items
 from store.spans import MODEL_CALL, RESPONSES, SAMPLE_SOURCE
 
 FORMATS = ("jsonl", "parquet")
@@ -309,7 +309,8 @@ class Conversations:
         cursor: str | None = response_id
         while cursor is not None and cursor not in self._items:
             row = self.con.execute(
-                f"SELECT request, response FROM spans WHERE response_id = ? AND {OK} LIMIT 1", [cursor]
+                f"SELECT request, response FROM spans WHERE {idkeys.match('response_id')} AND {OK} LIMIT 1",
+                idkeys.args(cursor),
             ).fetchone()
             if row is None:
                 break  # a response this store never saw: the conversation starts after it

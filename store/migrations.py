@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import duckdb
 
+from store import idkeys
+
 MIGRATIONS: list[tuple[str, str]] = [
     (
         "001_spans",
@@ -197,6 +199,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- model calls: from sending the request to the backend until its response's last byte (or the call's end,
         -- when that never came); duration_ms minus this is the time Lightwire added
         ALTER TABLE spans ADD COLUMN upstream_duration_ms DOUBLE;
+        """,
+    ),
+    (
+        # The index on the response ids stayed in memory, ~50 bytes a span, and the lookup it was for (the newest
+        # call with a response id) never used it: lookups scan a 64-bit key of the id instead (store.idkeys).
+        "011_response_key",
+        f"""
+        DROP INDEX spans_response_id;
+        ALTER TABLE spans ADD COLUMN response_key UBIGINT;
+        UPDATE spans SET response_key = {idkeys.sql("response_id")};
         """,
     ),
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import duckdb
 
+from store import idkeys
+
 
 def find_call(
     con: duckdb.DuckDBPyConnection, *, span_id: str | None = None, response_id: str | None = None
@@ -11,11 +13,11 @@ def find_call(
     """``(span_id, session_id)`` of the call with this span id or response id, or None."""
     if span_id is not None:
         row = con.execute("SELECT span_id, session_id FROM spans WHERE span_id = ?", [span_id]).fetchone()
+    elif response_id is not None:
+        newest = f"WHERE {idkeys.match('response_id')} ORDER BY start_time DESC LIMIT 1"
+        row = con.execute(f"SELECT span_id, session_id FROM spans {newest}", idkeys.args(response_id)).fetchone()
     else:
-        row = con.execute(
-            "SELECT span_id, session_id FROM spans WHERE response_id = ? ORDER BY start_time DESC LIMIT 1",
-            [response_id],
-        ).fetchone()
+        raise TypeError("find_call needs a span_id or a response_id")
     return (row[0], row[1]) if row else None
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from store import idkeys
+
 log = logging.getLogger(__name__)
 
 REJECTED_SUFFIX = ".rejected.jsonl"  # rows the store refused, for a person to look at and re-import
@@ -72,7 +74,7 @@ class Table:
         described = con.execute(f"DESCRIBE {name}").fetchall()
         required = frozenset(row[0] for row in described if row[2] == "NO")
         verb = "INSERT OR REPLACE" if replace else "INSERT"
-        sql = f"{verb} INTO {name} ({names}) SELECT {names} FROM {BATCH}"
+        sql = f"{verb} INTO {name} BY NAME SELECT {names}{idkeys.derived(name)} FROM {BATCH}"
         if replace and SHARE_SEQ in {row[0] for row in described} and SHARE_SEQ not in columns:
             # INSERT OR REPLACE keeps the columns it is not given: a replaced row would keep the sequence number
             # it shipped under, and its new value (a session's second end) would never reach the share.

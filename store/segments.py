@@ -27,6 +27,7 @@ from pathlib import Path
 
 import duckdb
 
+from store import idkeys
 from store.rows import SHARE_SEQ as SEQ
 from store.share import Share
 
@@ -102,7 +103,7 @@ class Shipper:
         staged = self.share.staging(name)
         try:
             con.execute(
-                f"COPY (SELECT * FROM {kind} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
+                f"COPY (SELECT {idkeys.stored(kind)} FROM {kind} WHERE {SEQ} > ? AND {SEQ} <= ? ORDER BY {SEQ}) "
                 f"TO '{_sql_path(staged)}' (FORMAT parquet)",
                 [mark, top],
             )
@@ -149,7 +150,8 @@ class Importer:
                 rows += int(count)
                 con.execute("INSERT INTO imported VALUES (?, ?, ?)", [name, count, now])
             con.execute(
-                f"{verb} INTO {kind} BY NAME SELECT * EXCLUDE ({SEQ}) FROM read_parquet($paths, union_by_name = true)",
+                f"{verb} INTO {kind} BY NAME SELECT * EXCLUDE ({SEQ}){idkeys.derived(kind)} "
+                "FROM read_parquet($paths, union_by_name = true)",
                 {"paths": paths},
             )
             con.execute("COMMIT")

@@ -20,6 +20,7 @@ import orjson
 from proxy import config as settings
 from proxy.fleet import registry_of
 from proxy.policy import Policy, Version
+from store import queries
 from store.migrations import migrate
 from store.segments import Importer, Shipper
 from store.share import Lease, Registry, Share, write_registry
@@ -143,6 +144,9 @@ async def test_feedback_posted_to_another_sidecar_joins_its_call_at_the_learner(
         migrate(con)
         assert Importer(Share(str(share)), con.cursor).run() == 2 + 4 + 2  # spans, feedback, sessions ended at stop
         rows = con.execute("SELECT name, value, span_id, session_id FROM feedback ORDER BY value").fetchall()
+        # segments carry no id keys: the learner makes them, and finds imported calls by them
+        assert queries.find_call(con, response_id=response_a) == (span_a, "sa")
+        assert queries.session_turns(con, "sb") == 1
     assert rows == [
         ("reward", 0.0, span_b, "sb"),
         ("reward", 0.25, span_a, "sa"),  # named by response id at b, served by a

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import duckdb
+import pytest
 from aiohttp import web
 
+from store import idkeys, migrations, queries
 from store.feedback import Feedback
 from store.spans import Span
 from store.writer import Writer
@@ -168,14 +171,59 @@ async def test_a_row_is_committed_within_the_flush_interval_even_when_writes_are
     assert max(lags) <= 0.3 + 0.06, sorted(lags)[-5:]  # the margin: scheduling on a busy machine
 
 
-async def test_spans_keep_only_the_indexes_a_lookup_needs(tmp_path: Path) -> None:
-    """Each ART index on ``spans`` stays in memory, ~100 bytes a span: only the lookups the proxy makes get one."""
+def span(n: int, session_id: str | None, response_id: str | None) -> Span:
+    start = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    return Span(
+        *(f"{n:016x}", "0" * 32, None, session_id, "chat", "openai", "m", "m", response_id, False, None),
+        *(None, None, ["stop"], 3, 4, json.dumps(CHAT), None, None, None, None),
+        *(start, 12.5, None, 200, None, None, 0, "header"),
+    )
+
+
+async def test_a_call_is_found_by_the_key_of_its_response_id_and_spans_keep_one_index(tmp_path: Path) -> None:
+    """Each ART index on ``spans`` stays in memory, ~50 bytes a span: a response id is found by a scan of its
+    64-bit key instead, made by the same function in SQL and in Python; a session keeps its index."""
     db = tmp_path / "store.duckdb"
     writer = Writer(db, kinds=[Span])
     writer.open()
+    ids = ["resp-1", "chatcmpl-é✓", "", "x" * 300]
+    for n, response_id in enumerate([*ids, None]):
+        await writer.reserve()
+        writer.submit(span(n, f"s{n % 2}" if response_id is not None else None, response_id))
+    await writer.flush()
+    with writer.cursor() as con:
+        assert queries.find_call(con, response_id="chatcmpl-é✓") == (f"{1:016x}", "s1")
+        assert queries.find_call(con, response_id="resp-2") is None
+        assert (queries.session_turns(con, "s0"), queries.session_turns(con, "s1")) == (2, 2)
+        keys = con.execute("SELECT response_id, response_key FROM spans WHERE response_id IS NOT NULL").fetchall()
+        assert {value: idkeys.key(value) for value in ids} == dict(keys)
+        assert con.execute("SELECT count(*) FROM spans WHERE response_key IS NULL").fetchone() == (1,)
     await writer.close()
+    assert spans_indexes(db) == {"spans_session_id": "[session_id]"}  # a named session's turns, on the request path
+
+
+def test_the_response_key_migration_drops_the_index_and_fills_the_keys_of_existing_spans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "store.duckdb"
+    before = [m for m in migrations.MIGRATIONS if m[0] < "011_response_key"]
+    with duckdb.connect(str(db)) as con:
+        with monkeypatch.context() as patch:
+            patch.setattr(migrations, "MIGRATIONS", before)
+            migrations.migrate(con)
+        for n, response_id in ((1, "r1"), (2, None)):
+            con.execute(
+                """INSERT INTO spans (span_id, trace_id, session_id, operation_name, provider_name, response_id,
+                                      request_stream, request, start_time, duration_ms)
+                   VALUES (?, '0', 's1', 'chat', 'openai', ?, false, '{}', now(), 1.0)""",
+                [f"{n:016x}", response_id],
+            )
+        assert migrations.migrate(con) == ["011_response_key"]
+        assert queries.find_call(con, response_id="r1") == (f"{1:016x}", "s1")
+        assert queries.session_turns(con, "s1") == 2
+    assert spans_indexes(db) == {"spans_session_id": "[session_id]"}
+
+
+def spans_indexes(db: Path) -> dict[str, str]:
     rows = read_rows(db, "SELECT index_name, expressions FROM duckdb_indexes() WHERE table_name = 'spans'")
-    assert {r["index_name"]: r["expressions"] for r in rows} == {
-        "spans_response_id": "[response_id]",  # feedback by response id, previous_response_id
-        "spans_session_id": "[session_id]",  # a named session's earlier turns, session pages
-    }
+    return {r["index_name"]: r["expressions"] for r in rows}

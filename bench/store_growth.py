@@ -1,0 +1,137 @@
+"""The store alone as spans accumulate: its memory, and what a lookup costs, for checkouts side by side.
+
+    .venv/bin/python -m bench.store_growth [--spans 1000000] [--before DIR ...] [--out FILE]
+
+A sidecar's growth with traffic is the store's: DuckDB keeps each table's ART indexes resident. For each checkout
+(this one, and each ``--before`` folder: a ``git worktree`` of an earlier commit, put first on ``PYTHONPATH``) a
+process runs that checkout's real ``store.writer.Writer`` over ``--spans`` spans with the soak's ids (a session
+of 4 calls, a random response id and span id each; the same ~200-byte request and response), offered in batches
+of ``BATCH`` every ``PAUSE_S`` as a loaded sidecar's writer receives them. At 10k, 100k, 250k, 500k, 750k and 1M
+spans it notes the process's RSS, DuckDB's index memory (``art_index``) and the CPU spent; at the end, the time of
+the lookups the proxy and hooks make of calls its session index no longer holds: a call by response id and by
+span id, a session's turn count, a session's spans as hooks read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import report as report_cli
+
+MARKS = (10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000)
+BATCH = 2_000
+PAUSE_S = 0.2
+TURNS = 4
+LOOKUP_REPEATS = 10
+REQUEST = json.dumps({"model": "m", "messages": [{"role": "user", "content": "What is the capital of France? " * 3}]})
+RESPONSE = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": "Paris. " * 10}}]})
+
+
+def rss_mb() -> float:
+    return round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+async def grow(db: Path, spans: int) -> dict[str, Any]:
+    """One checkout's figures (run in a process whose ``PYTHONPATH`` starts with that checkout)."""
+    from proxy.hooks import read_sessions
+    from store import queries
+    from store.spans import Span
+    from store.writer import Writer
+
+    writer = Writer(db, kinds=[Span])
+    writer.open()
+    marks: list[dict[str, Any]] = []
+    started = time.process_time()
+    now = datetime.now(UTC)
+    session = ""
+    for i in range(spans):
+        if i % TURNS == 0:
+            session = f"sess-{uuid.uuid4().hex[:22]}"
+        await writer.reserve()
+        span = Span(
+            os.urandom(8).hex(), os.urandom(16).hex(), None, session, "chat", "openai", "m", "m",
+            f"chatcmpl-{uuid.uuid4().hex}", False, 64, None, None, ["stop"], 20, 10, REQUEST, RESPONSE,
+            None, None, None, now, 1.0, None, 200, None, None, i % TURNS, "header"
+        )  # fmt: skip
+        writer.submit(span)
+        if (i + 1) % BATCH == 0:
+            await asyncio.sleep(PAUSE_S)
+        if i + 1 in MARKS:
+            await writer.flush()
+            with writer.cursor() as con:
+                memory = dict(con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall())
+            marks.append(
+                {
+                    "spans": i + 1,
+                    "rss_mb": rss_mb(),
+                    "index_mb": round(memory.get("ART_INDEX", 0) / 2**20, 1),
+                    "cpu_s": round(time.process_time() - started, 1),
+                }
+            )
+            print(json.dumps(marks[-1]), file=sys.stderr, flush=True)
+    await writer.flush()
+    lookups: dict[str, float] = {}
+    with writer.cursor() as con:
+        span_id, response_id, session_id = con.execute(
+            "SELECT span_id, response_id, session_id FROM spans LIMIT 1 OFFSET ?", [spans // 3]
+        ).fetchone() or ("", "", "")
+        for name, lookup in {
+            "call_by_response_id": lambda: queries.find_call(con, response_id=response_id),
+            "call_by_span_id": lambda: queries.find_call(con, span_id=span_id),
+            "session_turns": lambda: queries.session_turns(con, session_id),
+            "session_spans_for_hooks": lambda: read_sessions(con, [session_id]),
+        }.items():
+            assert lookup(), name  # found; and the first run reads what the next ones find cached
+            t = time.perf_counter()
+            for _ in range(LOOKUP_REPEATS):
+                lookup()
+            lookups[name] = round((time.perf_counter() - t) / LOOKUP_REPEATS * 1000, 2)
+    await writer.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"marks": marks, "lookup_ms": lookups, "peak_rss_mb": round(peak, 1)}
+
+
+def run_checkout(checkout: Path, db: Path, spans: int) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    command = [sys.executable, __file__, "--worker", str(db), "--spans", str(spans)]
+    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return dict(json.loads(out))
+
+
+def main() -> None:
+    parser = report_cli.parser(__doc__ or "")
+    parser.add_argument("--spans", type=int, default=1_000_000, help="spans to write (default 1M)")
+    parser.add_argument("--before", type=Path, action="append", default=[], help="an earlier checkout (repeatable)")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # the DuckDB file of one checkout's run
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(asyncio.run(grow(args.worker, args.spans))))
+        return
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {**{f"before-{i}": path.resolve() for i, path in enumerate(args.before)}, "this": here}
+    with tempfile.TemporaryDirectory(prefix="lightwire-store-growth-") as tmp:
+        runs = {name: run_checkout(path, Path(tmp) / f"{name}.duckdb", args.spans) for name, path in checkouts.items()}
+    report = {"settings": {"spans": args.spans, "checkouts": {n: str(p) for n, p in checkouts.items()}}, "runs": runs}
+    line = "; ".join(
+        f"{name}: RSS {r['marks'][0]['rss_mb']} -> {r['marks'][-1]['rss_mb']} MB, "
+        f"indexes {r['marks'][-1]['index_mb']} MB, " + ", ".join(f"{k} {v} ms" for k, v in r["lookup_ms"].items())
+        for name, r in runs.items()
+    )
+    report_cli.emit(report, args.out, line)
+
+
+if __name__ == "__main__":
+    main()
