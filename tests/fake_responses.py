@@ -11,6 +11,7 @@ none, like vLLM without its store, and answers 404 to a ``previous_response_id``
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 PROMPT_IDS = [1, 2, 3, 4]
@@ -29,7 +30,7 @@ def calls_tool(body: dict[str, Any]) -> str | None:
 
 def response(body: dict[str, Any], pieces: list[str], *, vllm: bool, status: str = "completed") -> dict[str, Any]:
     """The whole response to ``body``: its text is ``pieces`` joined (one token per piece)."""
-    ident = f"resp_{time.monotonic_ns()}"
+    ident = f"resp_{uuid.uuid4().hex}"  # random, as vLLM's are: how random ids index is what the soak measures
     tool = calls_tool(body)
     logprobs = vllm and LOGPROBS in (body.get("include") or ())
     if tool is not None:

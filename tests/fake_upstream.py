@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,7 +318,7 @@ class FakeUpstream:
                 choice["token_ids"] = tokens
             choices.append(choice)
         response: dict[str, Any] = {
-            "id": f"cmpl-{time.monotonic_ns()}",
+            "id": f"cmpl-{uuid.uuid4().hex}",  # random, as vLLM's are (sequential ids index far smaller)
             "object": "chat.completion" if operation == "chat" else "text_completion",
             "created": int(time.time()),
             "model": body["model"],
@@ -338,7 +339,7 @@ class FakeUpstream:
         limits = _faults(h)
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(request)
-        ident = f"chatcmpl-{time.monotonic_ns()}"
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
         n = int(body.get("n") or 1)
         for i in range(chunks + 1):
             if await _fault(request, out, limits, i, b"data: {this is not json\n\n"):
