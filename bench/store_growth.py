@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report as report_cli
+from bench.machine import rss_mb
 
 MARKS = (10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000)
 BATCH = 2_000
@@ -37,10 +38,6 @@ TURNS = 4
 LOOKUP_REPEATS = 10
 REQUEST = json.dumps({"model": "m", "messages": [{"role": "user", "content": "What is the capital of France? " * 3}]})
 RESPONSE = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": "Paris. " * 10}}]})
-
-
-def rss_mb() -> float:
-    return round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 async def grow(db: Path, spans: int) -> dict[str, Any]:
@@ -75,7 +72,7 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
             marks.append(
                 {
                     "spans": i + 1,
-                    "rss_mb": rss_mb(),
+                    "rss_mb": rss_mb(os.getpid()),
                     "index_mb": round(memory.get("ART_INDEX", 0) / 2**20, 1),
                     "cpu_s": round(time.process_time() - started, 1),
                 }
