@@ -6,10 +6,13 @@ A sidecar's growth with traffic is the store's: DuckDB keeps each table's ART in
 (this one, and each ``--before`` folder: a ``git worktree`` of an earlier commit, put first on ``PYTHONPATH``) a
 process runs that checkout's real ``store.writer.Writer`` over ``--spans`` spans with the soak's ids (a session
 of 4 calls, a random response id and span id each; the same ~200-byte request and response), offered in batches
-of ``BATCH`` every ``PAUSE_S`` as a loaded sidecar's writer receives them. At 10k, 100k, 250k, 500k, 750k and 1M
-spans it notes the process's RSS, DuckDB's index memory (``art_index``) and the CPU spent; at the end, the time of
-the lookups the proxy and hooks make of calls its session index no longer holds: a call by response id and by
-span id, a session's turn count, a session's spans as hooks read them.
+of ``BATCH`` every ``PAUSE_S`` as a loaded sidecar's writer receives them (``RATE`` calls a second of start
+times), and each session's end after its last call. At 10k, 100k, 250k, 500k, 750k and 1M spans it notes the
+process's RSS, DuckDB's index memory (``art_index``) and the CPU spent; at the end, the time of the lookups the
+proxy and hooks make of calls its session index no longer holds: a call by response id and by span id, a
+session's turn count, a session's spans as hooks read them (a session a third of the way in, and the newest);
+and the scan for sessions a killed proxy left open, made once at start. A checkout whose store predates a
+lookup's function is measured with the one it had.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ MARKS = (10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000)
 BATCH = 2_000
 PAUSE_S = 0.2
 TURNS = 4
+RATE = 1_500.0  # calls a second, for their start times
 LOOKUP_REPEATS = 10
 REQUEST = json.dumps({"model": "m", "messages": [{"role": "user", "content": "What is the capital of France? " * 3}]})
 RESPONSE = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", "content": "Paris. " * 10}}]})
@@ -44,18 +48,21 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
     """One checkout's figures (run in a process whose ``PYTHONPATH`` starts with that checkout)."""
     from proxy.hooks import read_sessions
     from store import queries
+    from store.feedback import SessionEnd
     from store.spans import Span
     from store.writer import Writer
 
-    writer = Writer(db, kinds=[Span])
+    writer = Writer(db, kinds=[Span, SessionEnd])
     writer.open()
     marks: list[dict[str, Any]] = []
     started = time.process_time()
-    now = datetime.now(UTC)
-    session = ""
+    epoch = datetime.now(UTC)
+    counted = "turns" in SessionEnd.__dataclass_fields__  # the session's row keeps its turns
+    session, first = "", epoch
     for i in range(spans):
+        now = epoch + timedelta(seconds=i / RATE)
         if i % TURNS == 0:
-            session = f"sess-{uuid.uuid4().hex[:22]}"
+            session, first = f"sess-{uuid.uuid4().hex[:22]}", now
         await writer.reserve()
         span = Span(
             os.urandom(8).hex(), os.urandom(16).hex(), None, session, "chat", "openai", "m", "m",
@@ -63,6 +70,10 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
             None, None, None, now, 1.0, None, 200, None, None, i % TURNS, "header"
         )  # fmt: skip
         writer.submit(span)
+        if i % TURNS == TURNS - 1:
+            await writer.reserve()
+            row: dict[str, Any] = {"turns": TURNS, "started_at": first} if counted else {}
+            writer.submit(SessionEnd(session_id=session, ended_at=now, end_reason="idle", **row))
         if (i + 1) % BATCH == 0:
             await asyncio.sleep(PAUSE_S)
         if i + 1 in MARKS:
@@ -84,17 +95,24 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
         span_id, response_id, session_id = con.execute(
             "SELECT span_id, response_id, session_id FROM spans LIMIT 1 OFFSET ?", [spans // 3]
         ).fetchone() or ("", "", "")
+        newest = con.execute("SELECT session_id FROM spans ORDER BY start_time DESC LIMIT 1").fetchone() or ("",)
+        turns = getattr(queries, "session_record", None) or queries.session_turns  # type: ignore[attr-defined]
         for name, lookup in {
             "call_by_response_id": lambda: queries.find_call(con, response_id=response_id),
             "call_by_span_id": lambda: queries.find_call(con, span_id=span_id),
-            "session_turns": lambda: queries.session_turns(con, session_id),
+            "session_turns": lambda: turns(con, session_id),
             "session_spans_for_hooks": lambda: read_sessions(con, [session_id]),
+            "newest_session_spans_for_hooks": lambda: read_sessions(con, [newest[0]]),
         }.items():
             assert lookup(), name  # found; and the first run reads what the next ones find cached
             t = time.perf_counter()
             for _ in range(LOOKUP_REPEATS):
                 lookup()
             lookups[name] = round((time.perf_counter() - t) / LOOKUP_REPEATS * 1000, 2)
+        if hasattr(queries, "interrupted_sessions"):  # made once at start: every span is read
+            t = time.perf_counter()
+            queries.interrupted_sessions(con)
+            lookups["interrupted_sessions_at_start"] = round((time.perf_counter() - t) * 1000, 2)
     await writer.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"marks": marks, "lookup_ms": lookups, "peak_rss_mb": round(peak, 1)}

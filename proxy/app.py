@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -49,7 +49,7 @@ from proxy.memory import MEMORY, Memory
 from proxy.memory_api import MEMORY_BUILDER
 from proxy.memory_publish import BANKS, BankPublisher
 from proxy.relay import Call, failures_recorded, forward
-from proxy.sessions import SESSION_HEADER, Sessions
+from proxy.sessions import SESSION_HEADER, Ended, Sessions
 from proxy.telemetry import Exporter, TraceIds
 from proxy.upstream import response_headers
 from store import items, queries
@@ -61,6 +61,7 @@ from store.spans import Span
 from store.writer import Record, StoreUnavailable, Writer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONFIG = web.AppKey("config", Config)
 WRITER = web.AppKey("writer", Writer)
@@ -134,6 +135,7 @@ async def exporter_ctx(app: web.Application) -> AsyncIterator[None]:
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     exporter, hooks, counted = app.get(EXPORTER), app.get(HOOKS), app[metrics.METRICS]
+    loop = asyncio.get_running_loop()
 
     def on_commit(records: list[Record]) -> None:
         if exporter is not None:
@@ -141,6 +143,10 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
         if hooks is not None:
             hooks.committed(records)
         counted.committed(records)
+        ends = [(r.session_id, r.turns) for r in records if isinstance(r, SessionEnd)]
+        if ends and SESSIONS in app:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(app[SESSIONS].settled, ends)
 
     writer = Writer(
         config.db,
@@ -178,10 +184,19 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def open_sessions_ctx(app: web.Application) -> AsyncIterator[None]:
-    """At shutdown, once calls in flight are done, end the sessions still open (``end_reason`` "shutdown"), while
-    the session hooks still run: they score them before the process exits (within their drain time)."""
+    """At start, end the sessions a proxy held when it stopped without ending them (SIGKILL, a crash: ``end_reason``
+    "interrupted"); at shutdown, once calls in flight are done, end the sessions still open ("shutdown"). Both
+    while the session hooks run: they score them (at shutdown, within their drain time)."""
+    writer = app[WRITER]
+    interrupted = await asyncio.to_thread(_read, writer, queries.interrupted_sessions)
+    if interrupted:
+        ended = [(session_id, turns, first.timestamp()) for session_id, turns, first, _ in interrupted]
+        await end_sessions(writer, ended, "interrupted", forever=True)
+        with contextlib.suppress(StoreUnavailable):  # committed before calls come, which count on from them
+            await writer.flush()
+        log.warning("%d sessions left open by an earlier stop (a crash or SIGKILL): ended", len(interrupted))
     yield
-    writer, ended = app[WRITER], app[SESSIONS].end_all()
+    ended = app[SESSIONS].end_all()
     try:
         await end_sessions(writer, ended, "shutdown")
         await writer.flush()  # committed: the hooks have them
@@ -249,12 +264,12 @@ async def close_idle_sessions(app: web.Application) -> None:
         await end_sessions(writer, sessions.idle(timeout), "idle", forever=True)
 
 
-async def end_sessions(writer: Writer, session_ids: list[str], reason: str, *, forever: bool = False) -> None:
+async def end_sessions(writer: Writer, ended: list[Ended], reason: str, *, forever: bool = False) -> None:
     """Record the end of each session, giving the event loop back to calls after every ``ENDS_PER_TURN``."""
     ended_at = datetime.now(UTC)
-    for n, session_id in enumerate(session_ids, 1):
+    for n, (session_id, turns, started) in enumerate(ended, 1):
         await writer.reserve(forever=forever)
-        writer.submit(SessionEnd(session_id=session_id, ended_at=ended_at, end_reason=reason))
+        writer.submit(SessionEnd(session_id, ended_at, reason, turns, datetime.fromtimestamp(started, UTC)))
         if n % ENDS_PER_TURN == 0:
             await asyncio.sleep(0)
 
@@ -367,13 +382,14 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
         continued=continued,
         messages=messages,
     )
-    earlier_turns = None
+    recorded = None
     if call.session_source in NAMED_SESSION_SOURCES and not sessions.is_known(call.session_id):
-        earlier_turns = await asyncio.to_thread(_count_turns, writer, call.session_id)
+        record = await asyncio.to_thread(_read, writer, queries.session_record, call.session_id)
+        recorded = (record[0], (record[1] or call.start_time).timestamp()) if record else None
     await writer.reserve()  # from here on, the finally clause submits the call: its place is always given back
     try:
         with failures_recorded(call):
-            call.turn_index = sessions.begin(call.session_id, earlier_turns)
+            call.turn_index = sessions.begin(call.session_id, recorded, now=call.start_time.timestamp())
             sessions.remember_call(call.ids.span_id, None, call.session_id)
             request.app[MEMORY].inject(call)
             if target == POLICY:
@@ -410,21 +426,16 @@ async def _continued(writer: Writer, sessions: Sessions, body: dict[str, Any]) -
         found: tuple[str, str | None] | None = sessions.find_call(previous)
         if found is None:
             await writer.flush()
-            found = await asyncio.to_thread(_find_response, writer, previous)
+            found = await asyncio.to_thread(_read, writer, lambda con: queries.find_call(con, response_id=previous))
         if found is not None and found[1] is not None:
             return found[1], "previous_response"
     conversation = items.conversation_id(body)
     return (conversation, "conversation") if conversation else None
 
 
-def _find_response(writer: Writer, response_id: str) -> tuple[str, str | None] | None:
+def _read(writer: Writer, query: Callable[..., T], *args: Any) -> T:
     with writer.cursor() as con:
-        return queries.find_call(con, response_id=response_id)
-
-
-def _count_turns(writer: Writer, session_id: str) -> int:
-    with writer.cursor() as con:
-        return queries.session_turns(con, session_id)
+        return query(con, *args)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -91,12 +91,19 @@ class FeedbackDesk:
         return answer
 
     async def end_session(self, session_id: str, reason: str = "ended") -> None:
-        known = self.sessions.is_known(session_id) or await self._in_store(queries.session_turns, session_id)
-        if not known and not self.accept_unknown:
-            raise NotFound(f"No session {session_id!r}.")
-        self.sessions.end(session_id)
+        now = datetime.now(UTC)
+        ended = self.sessions.end(session_id)
+        turns: int | None
+        started: datetime | None
+        if ended is not None:
+            turns, started = ended[1], datetime.fromtimestamp(ended[2], UTC)
+        else:  # ended before (its count stays), or unknown here (in a fleet, perhaps served by another sidecar)
+            recorded = await self._in_store(queries.session_record, session_id)
+            if recorded is None and not self.accept_unknown:
+                raise NotFound(f"No session {session_id!r}.")
+            turns, started = recorded or (None, None)
         await self.writer.reserve()
-        self.writer.submit(SessionEnd(session_id=session_id, ended_at=datetime.now(UTC), end_reason=reason))
+        self.writer.submit(SessionEnd(session_id, now, reason, turns, started))
 
     def _unattached(self, kind: str, target: str) -> tuple[str | None, str | None]:
         """What a row can say about a target recorded elsewhere: its span id or session id (a response id has its
@@ -110,7 +117,7 @@ class FeedbackDesk:
         """``(span_id, session_id)`` of the target; None when it is unknown here and may be elsewhere (a fleet),
         else :class:`NotFound`."""
         if kind == "session_id":
-            if self.sessions.is_known(target) or await self._in_store(queries.session_turns, target):
+            if self.sessions.is_known(target) or await self._in_store(queries.session_record, target):
                 return None, target
         else:
             found = self.sessions.find_call(target)

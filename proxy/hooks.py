@@ -58,6 +58,7 @@ from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.feedback import FeedbackDesk
 from proxy.relay import Call
+from store import queries
 from store.feedback import SessionEnd
 from store.items import content_text
 from store.spans import SPAN_COLUMNS, Span
@@ -77,11 +78,6 @@ DRAIN_TIMEOUT = 10.0  # seconds queued jobs get at shutdown
 GROUP_TIMEOUT = 600.0  # seconds after its first session ended that a partial group (2 or more) is scored
 MAX_GROUPS = 10_000  # tasks whose group is filling; past this, the oldest is given up
 DROP_LOG_EVERY = 1_000
-
-SESSION_SPANS = (
-    f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time"
-)
-FIRST_REQUEST = "SELECT request FROM spans WHERE session_id = ? ORDER BY turn_index NULLS LAST, start_time LIMIT 1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +377,7 @@ def span_dict(row: dict[str, Any]) -> dict[str, Any]:
 def read_sessions(con: duckdb.DuckDBPyConnection, session_ids: Sequence[str]) -> list[dict[str, Any]]:
     out = []
     for session_id in session_ids:
-        rows = con.execute(SESSION_SPANS, [session_id]).fetchall()
+        rows = queries.session_spans(con, session_id, ", ".join(SPAN_COLUMNS))
         spans = [span_dict(dict(zip(SPAN_COLUMNS, row, strict=True))) for row in rows]
         request = spans[0]["request"] if spans else None
         out.append({"session_id": session_id, "task": task_of(request), "spans": spans})
@@ -389,11 +385,11 @@ def read_sessions(con: duckdb.DuckDBPyConnection, session_ids: Sequence[str]) ->
 
 
 def read_task(con: duckdb.DuckDBPyConnection, session_id: str) -> str | None:
-    row = con.execute(FIRST_REQUEST, [session_id]).fetchone()
-    if row is None:
+    rows = queries.session_spans(con, session_id, "request", limit=1)
+    if not rows:
         return None
     with contextlib.suppress(orjson.JSONDecodeError):
-        return task_of(orjson.loads(row[0]))
+        return task_of(orjson.loads(rows[0][0]))
     return None
 
 

@@ -17,7 +17,10 @@ choice of an ``n > 1`` call registers its own reply. Identical histories (same s
 greedy answer in two conversations) register the same key twice; each continuation claims the oldest unclaimed
 session, and once all are claimed (a retry, or a branch) the call joins the most recent one.
 
-The turn index is the call's order in its session, from 0.
+The turn index is the call's order in its session, from 0. A session leaves memory only by ending (ended, idle,
+pushed out, shutdown), and its row in the store keeps its turn count and first call: a later call of it counts on
+from there, with no index over the spans (:func:`store.queries.session_record`). Until the end is committed, the
+count stays here (until ``settled``), so that a call in between does not find the store without it.
 
 Memory: each of the three tables (sessions in flight or recently active, conversation prefixes, recent calls by
 span and response id) holds at most ``session_index_size`` entries, dropping the least recently used: about
@@ -47,8 +50,11 @@ MAX_SESSION_ID = 256
 MAX_CLAIMS = 16
 
 
-# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity).
-SessionState = tuple[int, int, float]
+# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity, time.time() of its
+# first call).
+SessionState = tuple[int, int, float, float]
+# A session leaving memory, as its row records it: (session id, turns, time.time() of its first call).
+Ended = tuple[str, int, float]
 # The sessions whose reply ended a conversation prefix, oldest first, each with whether a call continued it.
 Claims = tuple[tuple[str, bool], ...]
 
@@ -62,7 +68,8 @@ class Sessions:
         self.active: OrderedDict[str, SessionState] = OrderedDict()
         self._replies: OrderedDict[bytes, Claims] = OrderedDict()  # conversation-prefix hash -> its claims
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._evicted: list[str] = []  # sessions pushed out of ``active`` by newer ones, not yet ended
+        self._evicted: list[Ended] = []  # sessions pushed out of ``active`` by newer ones, not yet ended
+        self._ending: dict[str, tuple[int, float]] = {}  # ended, their rows not yet known to be committed
 
     def attribute(
         self,
@@ -89,27 +96,33 @@ class Sessions:
         linked = self._link(messages, hashes)
         return (linked, "linked", hashes[-1]) if linked is not None else (_new_session(), "new", hashes[-1])
 
-    def begin(self, session_id: str, known_turns: int | None = None) -> int:
-        """Count a call into its session; return its turn index. ``known_turns`` seeds a session not in memory."""
+    def begin(self, session_id: str, recorded: tuple[int, float] | None = None, *, now: float | None = None) -> int:
+        """Count a call into its session; return its turn index. ``recorded`` (turns, time.time() of the first
+        call) seeds a session not in memory, from its row in the store; ``now`` is when this call started (its
+        span's start_time), by default now."""
         state = self.active.get(session_id)
-        turn, in_flight, _ = (known_turns or 0, 0, 0.0) if state is None else state
-        self.active[session_id] = (turn + 1, in_flight + 1, time.monotonic())
+        if state is None:
+            turn, started = self._ending.pop(session_id, recorded or (0, time.time() if now is None else now))
+            in_flight = 0
+        else:
+            turn, in_flight, _, started = state
+        self.active[session_id] = (turn + 1, in_flight + 1, time.monotonic(), started)
         self.active.move_to_end(session_id)
         if state is None:
             while len(self.active) > self.capacity:
-                self._evicted.append(self.active.popitem(last=False)[0])
+                self._evicted.append(self._leave(*self.active.popitem(last=False)))
         return turn
 
     def is_known(self, session_id: str) -> bool:
-        return session_id in self.active
+        return session_id in self.active or session_id in self._ending
 
     def finish(self, session_id: str, conversation: bytes | None, replies: Iterable[dict[str, Any]]) -> None:
         """A call ended: note when its session was last active and, for a linkable conversation (its hash from
         :meth:`attribute`), remember each reply as a point that a later call may continue from."""
         state = self.active.get(session_id)
         if state is not None:
-            next_turn, in_flight, _ = state
-            self.active[session_id] = (next_turn, in_flight - 1, time.monotonic())
+            next_turn, in_flight, _, started = state
+            self.active[session_id] = (next_turn, in_flight - 1, time.monotonic(), started)
             self.active.move_to_end(session_id)
         if conversation is None:
             return
@@ -133,34 +146,49 @@ class Sessions:
         """``(span_id, session_id)`` of a recent call, by span id or response id."""
         return self._calls.get(key)
 
-    def idle(self, timeout: float) -> list[str]:
+    def idle(self, timeout: float) -> list[Ended]:
         """Sessions with nothing in flight and no call for ``timeout`` seconds, and those the index had no room
-        for (the least recently active, so that every session is ended once); they are forgotten.
+        for (the least recently active, so that every session is ended once); they leave memory.
 
         ``active`` is kept in order of last activity, so only the sessions that went idle are looked at (and
         those with a call running since before the cutoff).
         """
         cutoff = time.monotonic() - timeout
         gone = []
-        for session_id, (_, in_flight, last_seen) in self.active.items():
+        for session_id, (_, in_flight, last_seen, _) in self.active.items():
             if last_seen >= cutoff:
                 break
             if in_flight == 0:
                 gone.append(session_id)
-        for session_id in gone:
-            del self.active[session_id]
-        gone += self._evicted
+        ended = [self._leave(session_id, self.active.pop(session_id)) for session_id in gone] + self._evicted
         self._evicted = []
-        return gone
+        return ended
 
-    def end(self, session_id: str) -> None:
-        self.active.pop(session_id, None)
+    def end(self, session_id: str) -> Ended | None:
+        """End a session on request: what its row records, or None when it is not in memory."""
+        state = self.active.pop(session_id, None)
+        if state is not None:
+            return self._leave(session_id, state)
+        ending = self._ending.get(session_id)
+        return (session_id, *ending) if ending else None
 
-    def end_all(self) -> list[str]:
-        """Forget every open session (the process is stopping); return their ids."""
-        ended = list(self.active)
+    def end_all(self) -> list[Ended]:
+        """Every open session leaves memory (the process is stopping)."""
+        ended = [self._leave(*item) for item in self.active.items()]
         self.active.clear()
         return ended
+
+    def settled(self, ends: Iterable[tuple[str, int | None]]) -> None:
+        """These ends (session id, turns) are committed: the store answers for those sessions from now on."""
+        for session_id, turns in ends:
+            ending = self._ending.get(session_id)
+            if ending is not None and ending[0] == turns:  # not back, nor ended again since with more turns
+                del self._ending[session_id]
+
+    def _leave(self, session_id: str, state: SessionState) -> Ended:
+        next_turn, _, _, started = state
+        self._ending[session_id] = (next_turn, started)
+        return session_id, next_turn, started
 
     def _link(self, messages: list[Any], hashes: list[bytes]) -> str | None:
         for i in range(len(messages) - 1, -1, -1):

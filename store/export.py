@@ -63,7 +63,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from store import credit, idkeys, items
+from store import credit, idkeys, items, queries
 from store.spans import MODEL_CALL, RESPONSES, SAMPLE_SOURCE
 
 FORMATS = ("jsonl", "parquet")
@@ -296,10 +296,11 @@ class Conversations:
         conversation = items.conversation_id(body)
         if conversation is None or conversation != session_id or turn_index is None:
             return []
+        within, bounds = queries.session_window(self.con, conversation)
         rows = self.con.execute(
             f"""SELECT request, response FROM spans WHERE session_id = ? AND turn_index < ? AND {OK}
-                AND operation_name = '{RESPONSES}' ORDER BY turn_index""",
-            [conversation, turn_index],
+                AND operation_name = '{RESPONSES}' {within} ORDER BY turn_index""",
+            [conversation, turn_index, *bounds],
         ).fetchall()
         return [item for request, response in rows for item in _exchange(request, response)]
 

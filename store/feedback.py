@@ -28,11 +28,14 @@ class Feedback(Row):
 
 @dataclass(slots=True, frozen=True)
 class SessionEnd(Row):
-    """A session closed, by ``POST /sessions/<id>/end`` or after the idle timeout (a later call reopens it)."""
+    """A session closed: by ``POST /sessions/<id>/end``, after the idle timeout, pushed out of the proxy's memory,
+    at shutdown, or found unended after a crash (a later call reopens it, counting on from ``turns``)."""
 
     table: ClassVar[str] = "sessions"
     replace: ClassVar[bool] = True
 
     session_id: str
     ended_at: datetime
-    end_reason: str
+    end_reason: str  # ended | idle | shutdown | interrupted
+    turns: int | None = None  # its model calls so far
+    started_at: datetime | None = None  # its first call

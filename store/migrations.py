@@ -211,6 +211,22 @@ MIGRATIONS: list[tuple[str, str]] = [
         UPDATE spans SET response_key = {idkeys.sql("response_id")};
         """,
     ),
+    (
+        # The index on the spans' session ids stayed in memory too, ~45 bytes a call, for one lookup on the request
+        # path: how many calls a named session had, when the proxy no longer held it. A session leaves the proxy's
+        # memory only by ending (ended, idle, pushed out, shutdown; after a crash, at the next start), so its row
+        # keeps that count, and its first call's time bounds a read of its spans (zone maps on start_time).
+        "012_session_turns",
+        """
+        ALTER TABLE sessions ADD COLUMN turns BIGINT;             -- its model calls, as counted when it ended
+        ALTER TABLE sessions ADD COLUMN started_at TIMESTAMPTZ;   -- its first call
+        UPDATE sessions SET turns = calls.turns, started_at = calls.started_at
+        FROM (SELECT session_id, count(turn_index) AS turns, min(start_time) AS started_at
+              FROM spans WHERE session_id IS NOT NULL GROUP BY session_id) AS calls
+        WHERE sessions.session_id = calls.session_id;
+        DROP INDEX spans_session_id;
+        """,
+    ),
 ]
 
 

@@ -309,3 +309,55 @@ async def test_sessions_open_at_sigterm_are_ended_and_scored(fake: FakeUpstream,
         {"session_id": "s-one", "value": 1.0, "source": "hook:tests.reward_hooks:turns"},
         {"session_id": "s-two", "value": 2.0, "source": "hook:tests.reward_hooks:turns"},
     ]
+
+
+async def test_sessions_a_sigkill_left_open_are_ended_at_the_next_start_and_count_on(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A session's row keeps its turn count (no index over the spans' session ids): sessions the killed process
+    held, one never ended and one continued after its end, are ended at the next start, scored, and a later call
+    of one counts on from its spans."""
+    db = tmp_path / "spans.duckdb"
+    hook = ("--session-hook", "tests.reward_hooks:turns")
+    first = await ServeProcess(fake.url, db, *hook).start()
+    async with aiohttp.ClientSession() as http:
+
+        async def call(server: ServeProcess, session: str) -> None:
+            headers = {"x-lightwire-session": session}
+            async with http.post(server.url + "/chat/completions", json=CHAT, headers=headers) as resp:
+                assert resp.status == 200
+
+        for session in ("s-open", "s-open", "s-back"):
+            await call(first, session)
+        async with http.post(first.url.removesuffix("/v1") + "/sessions/s-back/end") as resp:
+            assert resp.status == 200, await resp.text()
+        await asyncio.sleep(1.0)  # the end and its hook's score are committed
+        await call(first, "s-back")
+        await asyncio.sleep(1.0)
+        assert first.proc is not None
+        first.proc.kill()
+        await first.proc.wait()
+        assert read_rows(db, "SELECT session_id, end_reason, turns FROM sessions") == [
+            {"session_id": "s-back", "end_reason": "ended", "turns": 1}
+        ]
+
+        second = await ServeProcess(fake.url, db, *hook).start()
+        await call(second, "s-open")
+        assert second.proc is not None
+        second.proc.send_signal(signal.SIGTERM)
+        code, output = await second.wait()
+    assert code == 0, output
+    assert "2 sessions left open by an earlier stop" in output
+    turns = read_rows(db, "SELECT session_id, list(turn_index ORDER BY start_time) AS t FROM spans GROUP BY ALL")
+    assert sorted(turns, key=str) == [{"session_id": "s-back", "t": [0, 1]}, {"session_id": "s-open", "t": [0, 1, 2]}]
+    assert read_rows(db, "SELECT session_id, end_reason, turns FROM sessions ORDER BY 1") == [
+        {"session_id": "s-back", "end_reason": "interrupted", "turns": 2},
+        {"session_id": "s-open", "end_reason": "shutdown", "turns": 3},
+    ]
+    scores = read_rows(db, "SELECT session_id, value FROM feedback ORDER BY 1, 2")
+    assert scores == [
+        {"session_id": "s-back", "value": 1.0},  # at its end
+        {"session_id": "s-back", "value": 2.0},  # interrupted: both calls
+        {"session_id": "s-open", "value": 2.0},  # interrupted
+        {"session_id": "s-open", "value": 3.0},  # at shutdown
+    ]
