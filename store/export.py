@@ -210,7 +210,7 @@ def records(con: duckdb.DuckDBPyConnection, options: Options) -> Iterator[dict[s
                completion_token_ids, completion_logprobs, adapter_version, response_model,
                coalesce(session_id, (SELECT client.session_id FROM spans client
                                      WHERE client.span_id = spans.parent_span_id AND spans.session_source = $sample)),
-               len(coalesce(memory_examples, [])) > 0
+               len(coalesce(memory_examples, [])) > 0, start_time
         FROM spans WHERE {OK} {window} ORDER BY start_time, span_id
         """,
         {"sample": SAMPLE_SOURCE, **({"since": options.since} if options.since else {})},
@@ -227,7 +227,7 @@ def _call_records(
     row: tuple[Any, ...], rewards: dict[str, float], options: Options, history: Conversations
 ) -> Iterator[dict[str, Any]]:
     span_id, session_id, turn_index, operation, request, response, prompt_ids, completion_ids, logprobs = row[:9]
-    adapter_version, model, split_session, remembered = row[9:]
+    adapter_version, model, split_session, remembered, start_time = row[9:]
     if remembered:  # the model saw memory's examples too: its logged prompt and logprobs are not the client's call
         prompt_ids, logprobs = None, None
     body = orjson.loads(request)
@@ -237,7 +237,8 @@ def _call_records(
     reward = rewards.get(options.reward_name)
     choices = (orjson.loads(response).get("choices") or []) if response else []
     if operation == RESPONSES:
-        prompt, choices = history.as_chat(body, orjson.loads(response) if response else {}, session_id, turn_index)
+        reply = orjson.loads(response) if response else {}
+        prompt, choices = history.as_chat(body, reply, session_id, turn_index, start_time)
     for position, choice in enumerate(choices):
         if chat and not isinstance(choice.get("message"), dict):
             continue
@@ -280,23 +281,30 @@ class Conversations:
         self._items: dict[str, list[Any]] = {}  # response id -> the conversation's items up to its output
 
     def as_chat(
-        self, body: dict[str, Any], response: dict[str, Any], session_id: str | None, turn_index: int | None
+        self,
+        body: dict[str, Any],
+        response: dict[str, Any],
+        session_id: str | None,
+        turn_index: int | None,
+        start_time: datetime,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The call's prompt as chat messages, and its output as one chat choice (none when it has no output)."""
-        earlier = self._before(body, session_id, turn_index)
+        earlier = self._before(body, session_id, turn_index, start_time)
         instructions = body.get("instructions") if isinstance(body.get("instructions"), str) else None
         prompt = items.to_messages([*earlier, *items.input_items(body)], instructions=instructions)
         reply = items.reply(response)
         return prompt, [{"index": 0, "message": reply}] if reply is not None else []
 
-    def _before(self, body: dict[str, Any], session_id: str | None, turn_index: int | None) -> list[Any]:
+    def _before(
+        self, body: dict[str, Any], session_id: str | None, turn_index: int | None, start_time: datetime
+    ) -> list[Any]:
         previous = body.get("previous_response_id")
         if isinstance(previous, str):
             return self._through(previous)
         conversation = items.conversation_id(body)
         if conversation is None or conversation != session_id or turn_index is None:
             return []
-        within, bounds = queries.session_window(self.con, conversation)
+        within, bounds = queries.session_window(self.con, conversation, until=start_time)  # its earlier turns
         rows = self.con.execute(
             f"""SELECT request, response FROM spans WHERE session_id = ? AND turn_index < ? AND {OK}
                 AND operation_name = '{RESPONSES}' {within} ORDER BY turn_index""",

@@ -31,12 +31,16 @@ def session_record(con: duckdb.DuckDBPyConnection, session_id: str) -> tuple[int
     return (int(row[0] or 0), row[1]) if row else None
 
 
-def session_window(con: duckdb.DuckDBPyConnection, session_id: str) -> tuple[str, list[Any]]:
-    """SQL (``AND ...``) and its arguments that bound a session's spans in time, from its row (first call, end):
-    no index is kept on the spans' session ids, and spans arrive in time order, so start_time's zone maps then
-    skip the rest. Nothing for a session with no row (still open: its spans are the newest)."""
-    bounds = con.execute("SELECT started_at, ended_at FROM sessions WHERE session_id = ?", [session_id]).fetchone()
-    return ("AND start_time BETWEEN ? AND ?", list(bounds)) if bounds and bounds[0] else ("", [])
+def session_window(
+    con: duckdb.DuckDBPyConnection, session_id: str, *, until: datetime | None = None
+) -> tuple[str, list[Any]]:
+    """SQL (``AND ...``) and its arguments that bound a session's spans in time: from its first call, as its row
+    says, to ``until`` (by default its row's end). No index is kept on the spans' session ids, and spans arrive in
+    time order, so start_time's zone maps skip the rest. A session with no row (still open) is its newest spans."""
+    row = con.execute("SELECT started_at, ended_at FROM sessions WHERE session_id = ?", [session_id]).fetchone()
+    since, end = row if row and row[0] else (None, None)
+    bounds = [(sql, value) for sql, value in (("start_time >= ?", since), ("start_time <= ?", until or end)) if value]
+    return "".join(f" AND {sql}" for sql, _ in bounds), [value for _, value in bounds]
 
 
 def session_spans(

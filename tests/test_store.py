@@ -219,10 +219,11 @@ async def test_a_session_s_row_keeps_its_turns_and_bounds_the_read_of_its_spans(
     """What the index on the spans' session ids was for: a named session's count, and a hook's read of it."""
     writer = Writer(tmp_path / "store.duckdb", kinds=[Span, SessionEnd])
     writer.open()
-    calls = [span(n, "s1", None) for n in range(3)]
     first = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    for n, call in enumerate([span(9, "s1", None), *calls]):  # an earlier call of the same id, long before
-        call.start_time, call.turn_index = first + timedelta(seconds=n - 1 if n else -3600), n - 1 if n else None
+    # an earlier call of the same id, long before; three calls; a fourth after the session's end (it came back)
+    for n, (seconds, turn) in enumerate([(-3600, None), (0, 0), (1, 1), (2, 2), (10, 3)]):
+        call = span(n, "s1", None)
+        call.start_time, call.turn_index = first + timedelta(seconds=seconds), turn
         await writer.reserve()
         writer.submit(call)
     await writer.reserve()
@@ -230,10 +231,16 @@ async def test_a_session_s_row_keeps_its_turns_and_bounds_the_read_of_its_spans(
     await writer.flush()
     with writer.cursor() as con:
         assert queries.session_record(con, "s1") == (3, first) and queries.session_record(con, "s2") is None
-        spans = queries.session_spans(con, "s1", "span_id, turn_index")
-        assert spans == [(f"{n:016x}", n) for n in range(3)]  # from its first call on, in turn order
+        # as a hook reads it at that end: from its first call on, in turn order, up to the end
+        assert queries.session_spans(con, "s1", "turn_index") == [(0,), (1,), (2,)]
         assert queries.session_spans(con, "s1", "turn_index", limit=1) == [(0,)]
-        assert queries.interrupted_sessions(con) == []
+        # as the export reads the turns before a later call of it
+        within, bounds = queries.session_window(con, "s1", until=first + timedelta(seconds=10))
+        turns = con.execute(f"SELECT turn_index FROM spans WHERE session_id = 's1' {within} ORDER BY 1", bounds)
+        assert turns.fetchall() == [(0,), (1,), (2,), (3,)]
+        assert queries.interrupted_sessions(con) == [
+            ("s1", 4, first - timedelta(hours=1), first + timedelta(seconds=10))
+        ]
     await writer.close()
 
 
