@@ -25,7 +25,8 @@ count stays here (until ``settled``), so that a call in between does not find th
 Memory: each of the three tables (sessions in flight or recently active, conversation prefixes, recent calls by
 span and response id) holds at most ``session_index_size`` entries, dropping the least recently used: about
 1 KB a call in all (``bench/soak.py`` measures RSS). A conversation continued after more calls than that went by
-starts a new session; feedback for a call no longer remembered is looked up in the store.
+starts a new session; feedback for a call no longer remembered is looked up in the store. Ended sessions whose
+rows are not yet committed are held besides: those of the last flush interval or two, or while the store fails.
 
 Every entry these tables hold is a plain tuple of strings and numbers. CPython's cycle collector stops tracking
 such tuples (not those of a tuple subclass), so full collections do not walk the index: with a tracked object per
