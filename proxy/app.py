@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -61,7 +61,6 @@ from store.spans import Span
 from store.writer import Record, StoreUnavailable, Writer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CONFIG = web.AppKey("config", Config)
 WRITER = web.AppKey("writer", Writer)
@@ -188,7 +187,7 @@ async def open_sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     "interrupted"); at shutdown, once calls in flight are done, end the sessions still open ("shutdown"). Both
     while the session hooks run: they score them (at shutdown, within their drain time)."""
     writer = app[WRITER]
-    interrupted = await asyncio.to_thread(_read, writer, queries.interrupted_sessions)
+    interrupted = await writer.read(queries.interrupted_sessions)
     if interrupted:
         ended = [(session_id, turns, first.timestamp()) for session_id, turns, first, _ in interrupted]
         await end_sessions(writer, ended, "interrupted", forever=True)
@@ -384,7 +383,7 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     )
     recorded = None
     if call.session_source in NAMED_SESSION_SOURCES and not sessions.is_known(call.session_id):
-        record = await asyncio.to_thread(_read, writer, queries.session_record, call.session_id)
+        record = await writer.read(queries.session_record, call.session_id)
         recorded = (record[0], (record[1] or call.start_time).timestamp()) if record else None
     await writer.reserve()  # from here on, the finally clause submits the call: its place is always given back
     try:
@@ -426,16 +425,11 @@ async def _continued(writer: Writer, sessions: Sessions, body: dict[str, Any]) -
         found: tuple[str, str | None] | None = sessions.find_call(previous)
         if found is None:
             await writer.flush()
-            found = await asyncio.to_thread(_read, writer, lambda con: queries.find_call(con, response_id=previous))
+            found = await writer.read(lambda con: queries.find_call(con, response_id=previous))
         if found is not None and found[1] is not None:
             return found[1], "previous_response"
     conversation = items.conversation_id(body)
     return (conversation, "conversation") if conversation else None
-
-
-def _read(writer: Writer, query: Callable[..., T], *args: Any) -> T:
-    with writer.cursor() as con:
-        return query(con, *args)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ In a fleet (``--share``), feedback whose target this sidecar has never seen is a
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 from collections import OrderedDict
@@ -134,12 +133,7 @@ class FeedbackDesk:
         """Ask the store, once what was accepted before is written (a session closed as idle a moment ago may
         have its last call still in the write queue)."""
         await self.writer.flush()
-
-        def run() -> Any:
-            with self.writer.cursor() as con:
-                return query(con, *args)
-
-        return await asyncio.to_thread(run)
+        return await self.writer.read(query, *args)
 
 
 def reward_value(reward: Any) -> float:

@@ -301,7 +301,8 @@ class HookRunner:
             payload: Any = span_dict({name: getattr(job.span, name) for name in SPAN_COLUMNS})
             targets = [{"span_id": job.span.span_id}]
         else:
-            sessions = await asyncio.to_thread(self._read, read_sessions, job.sessions)
+            assert self._writer is not None
+            sessions = await self._writer.read(read_sessions, job.sessions)
             payload = sessions if hook.kind == GROUP else sessions[0]
             targets = [{"session_id": session_id} for session_id in job.sessions]
         result = await hook(payload, self.config)
@@ -320,7 +321,8 @@ class HookRunner:
     # -- groups -----------------------------------------------------------------------------------------------
 
     async def _join_group(self, session_id: str) -> None:
-        task = await asyncio.to_thread(self._read, read_task, session_id)
+        assert self._writer is not None
+        task = await self._writer.read(read_task, session_id)
         if not task:
             log.debug("reward hooks: session %s has no user message; not grouped", session_id)
             return
@@ -352,11 +354,6 @@ class HookRunner:
     def _score_group(self, group: _Group) -> None:
         for hook in self.hooks[GROUP]:
             self._enqueue(Job(hook, sessions=tuple(group.sessions)))
-
-    def _read(self, query: Callable[..., Any], *args: Any) -> Any:
-        assert self._writer is not None
-        with self._writer.cursor() as con:
-            return query(con, *args)
 
 
 HOOKS = web.AppKey("hooks", HookRunner)

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import duckdb
 
@@ -52,6 +52,7 @@ from store import rows as store_rows
 from store.migrations import migrate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _STOP = object()
 # Seconds from a row reaching the thread to its commit, by default. A batch costs DuckDB ~9 ms of CPU however
@@ -262,6 +263,15 @@ class Writer:
         finally:
             with self._readers_lock:
                 self._readers -= 1
+
+    async def read(self, query: Callable[..., T], *args: Any) -> T:
+        """``query(cursor, *args)`` in a worker thread, off the event loop."""
+
+        def run() -> T:
+            with self.cursor() as con:
+                return query(con, *args)
+
+        return await asyncio.to_thread(run)
 
     def _unavailable(self) -> StoreUnavailable:
         """A wait that timed out: count it, and say why."""
