@@ -189,7 +189,7 @@ async def open_sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     writer = app[WRITER]
     interrupted = await writer.read(queries.interrupted_sessions)
     if interrupted:
-        ended = [(session_id, turns, first.timestamp()) for session_id, turns, first, _ in interrupted]
+        ended = [(session_id, turns, first) for session_id, turns, first, _ in interrupted]
         await end_sessions(writer, ended, "interrupted", forever=True)
         with contextlib.suppress(StoreUnavailable):  # committed before calls come, which count on from them
             await writer.flush()
@@ -268,7 +268,7 @@ async def end_sessions(writer: Writer, ended: list[Ended], reason: str, *, forev
     ended_at = datetime.now(UTC)
     for n, (session_id, turns, started) in enumerate(ended, 1):
         await writer.reserve(forever=forever)
-        writer.submit(SessionEnd(session_id, ended_at, reason, turns, datetime.fromtimestamp(started, UTC)))
+        writer.submit(SessionEnd(session_id, ended_at, reason, turns, started))
         if n % ENDS_PER_TURN == 0:
             await asyncio.sleep(0)
 
@@ -384,11 +384,11 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
     recorded = None
     if call.session_source in NAMED_SESSION_SOURCES and not sessions.is_known(call.session_id):
         record = await writer.read(queries.session_record, call.session_id)
-        recorded = (record[0], (record[1] or call.start_time).timestamp()) if record else None
+        recorded = (record[0], record[1] or call.start_time) if record else None
     await writer.reserve()  # from here on, the finally clause submits the call: its place is always given back
     try:
         with failures_recorded(call):
-            call.turn_index = sessions.begin(call.session_id, recorded, now=call.start_time.timestamp())
+            call.turn_index = sessions.begin(call.session_id, recorded, now=call.start_time)
             sessions.remember_call(call.ids.span_id, None, call.session_id)
             request.app[MEMORY].inject(call)
             if target == POLICY:

@@ -95,7 +95,7 @@ class FeedbackDesk:
         turns: int | None
         started: datetime | None
         if ended is not None:
-            turns, started = ended[1], datetime.fromtimestamp(ended[2], UTC)
+            _, turns, started = ended
         else:  # ended before (its count stays), or unknown here (in a fleet, perhaps served by another sidecar)
             recorded = await self._in_store(queries.session_record, session_id)
             if recorded is None and not self.accept_unknown:

@@ -39,6 +39,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -51,11 +52,11 @@ MAX_SESSION_ID = 256
 MAX_CLAIMS = 16
 
 
-# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity, time.time() of its
-# first call).
-SessionState = tuple[int, int, float, float]
-# A session leaving memory, as its row records it: (session id, turns, time.time() of its first call).
-Ended = tuple[str, int, float]
+# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity, its first call's
+# start time).
+SessionState = tuple[int, int, float, datetime]
+# A session leaving memory, as its row records it: (session id, turns, its first call's start time).
+Ended = tuple[str, int, datetime]
 # The sessions whose reply ended a conversation prefix, oldest first, each with whether a call continued it.
 Claims = tuple[tuple[str, bool], ...]
 
@@ -70,7 +71,7 @@ class Sessions:
         self._replies: OrderedDict[bytes, Claims] = OrderedDict()  # conversation-prefix hash -> its claims
         self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._evicted: list[Ended] = []  # sessions pushed out of ``active`` by newer ones, not yet ended
-        self._ending: dict[str, tuple[int, float]] = {}  # ended, their rows not yet known to be committed
+        self._ending: dict[str, tuple[int, datetime]] = {}  # ended, their rows not yet known to be committed
 
     def attribute(
         self,
@@ -97,13 +98,15 @@ class Sessions:
         linked = self._link(messages, hashes)
         return (linked, "linked", hashes[-1]) if linked is not None else (_new_session(), "new", hashes[-1])
 
-    def begin(self, session_id: str, recorded: tuple[int, float] | None = None, *, now: float | None = None) -> int:
-        """Count a call into its session; return its turn index. ``recorded`` (turns, time.time() of the first
-        call) seeds a session not in memory, from its row in the store; ``now`` is when this call started (its
-        span's start_time), by default now."""
+    def begin(
+        self, session_id: str, recorded: tuple[int, datetime] | None = None, *, now: datetime | None = None
+    ) -> int:
+        """Count a call into its session; return its turn index. ``recorded`` (turns, the first call's start)
+        seeds a session not in memory, from its row in the store; ``now`` is when this call started (its span's
+        start_time), by default now."""
         state = self.active.get(session_id)
         if state is None:
-            turn, started = self._ending.pop(session_id, recorded or (0, time.time() if now is None else now))
+            turn, started = self._ending.pop(session_id, recorded or (0, now or datetime.now(UTC)))
             in_flight = 0
         else:
             turn, in_flight, _, started = state

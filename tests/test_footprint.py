@@ -223,7 +223,7 @@ async def test_ending_thousands_of_sessions_lets_calls_run_in_between(tmp_path: 
     other = asyncio.create_task(a_call())
     await asyncio.sleep(0)
     before = turns
-    await end_sessions(writer, [(f"s{i}", 1, time.time()) for i in range(3_500)], "idle", forever=True)
+    await end_sessions(writer, [(f"s{i}", 1, datetime.now(UTC)) for i in range(3_500)], "idle", forever=True)
     between = turns - before
     other.cancel()
     await writer.close()
@@ -232,19 +232,22 @@ async def test_ending_thousands_of_sessions_lets_calls_run_in_between(tmp_path: 
     assert row == {"n": 3_500, "why": "idle"}
 
 
+FIRST = datetime(2026, 1, 2, tzinfo=UTC)  # a session's first call
+
+
 def test_a_session_the_index_has_no_room_for_is_still_ended_once_and_counts_on_until_its_end_is_written() -> None:
     """The sweeper ends what ``idle`` returns: a session pushed out of a full index must be among them, with its
     turns; until that end is committed, a call of it counts on from memory (the store does not have it yet)."""
     sessions = Sessions(capacity=2)
     for name in ("a", "b", "c"):
-        sessions.begin(name, now=100.0)
+        sessions.begin(name, now=FIRST)
         sessions.finish(name, None, [])
-    assert sessions.idle(timeout=3600) == [("a", 1, 100.0)]
+    assert sessions.idle(timeout=3600) == [("a", 1, FIRST)]
     assert sessions.idle(timeout=3600) == [] and sessions.is_known("a") and sessions.is_known("c")
     sessions.settled([("a", 1)])
     assert not sessions.is_known("a")
-    assert sessions.begin("a", (1, 100.0)) == 1  # from its row
+    assert sessions.begin("a", (1, FIRST)) == 1  # from its row
     sessions.finish("a", None, [])
-    assert sessions.end("a") == ("a", 2, 100.0)
+    assert sessions.end("a") == ("a", 2, FIRST)
     sessions.settled([("a", 1)])  # an earlier end, committed late: the later one is still on its way
     assert sessions.is_known("a") and sessions.begin("a") == 2
