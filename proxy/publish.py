@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from optimizers.checks import WEIGHTS_FILE, AdapterRejected, base_linear_modules, check_adapter
+from optimizers.checks import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected, base_linear_modules, check_adapter
 from proxy.errors import HTTPError, InvalidRequest, NotFound, UpstreamError
 from proxy.policy import Policy, Replica, Version
 from store.adapters import Adapter, new_adapter
@@ -207,12 +207,7 @@ class Publisher:
                 await self._reload(replica, active.merged_path)
             for version in self._served():
                 if version is not None and version.lora_path is not None:
-                    await self._vllm(
-                        replica,
-                        "/v1/load_lora_adapter",
-                        {"lora_name": version.served_name, "lora_path": str(version.lora_path)},
-                        exists_ok=True,
-                    )
+                    await self._load_into(replica, version.served_name, str(version.lora_path))
             for version in {active, self.policy.canary}:
                 if version is not None and version.version is not None:  # the base needs nothing loaded
                     await self._probe(replica, version.served_name)
@@ -239,12 +234,7 @@ class Publisher:
         loaded = []
         try:
             for replica in self.policy.replicas:
-                await self._vllm(
-                    replica,
-                    "/v1/load_lora_adapter",
-                    {"lora_name": target.served_name, "lora_path": adapter.path},
-                    exists_ok=True,
-                )
+                await self._load_into(replica, target.served_name, adapter.path)
                 loaded.append(replica)
                 await self._check_serves(replica, target.served_name)
         except BaseException:
@@ -253,6 +243,15 @@ class Publisher:
             raise
         self._loaded.add(target.served_name)
         return target
+
+    async def _load_into(self, replica: Replica, name: str, folder: str) -> None:
+        """Load a LoRA into one replica (idempotent). A folder that lost its files since it was checked (deleted by
+        hand, a cleaned temporary folder) never reaches vLLM, which would answer only "No adapter found for
+        <path>"."""
+        missing = [file for file in (CONFIG_FILE, WEIGHTS_FILE) if not (Path(folder) / file).is_file()]
+        if missing:
+            raise PublishFailed(f"{folder} has lost {' and '.join(missing)}: vLLM is not asked to load it")
+        await self._vllm(replica, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": folder}, exists_ok=True)
 
     async def _merge(self, adapter: Adapter) -> Version:
         if self.base_dir is None:
@@ -422,12 +421,20 @@ class Publisher:
 
 
 def _copy_folder(source: Path, target: Path) -> str:
-    """Copy an adapter folder; return the sha256 of its weights."""
+    """Copy an adapter folder; return a sha256 of its new place and its weights, for its LoRA name.
+
+    vLLM knows a loaded LoRA by its name alone, and answers a second load of a name it holds with "already
+    loaded". Two sidecars sharing a vLLM server, each with its own adapters folder, must never take the other's
+    loaded copy for their own: vLLM reads that folder again whenever the LoRA is evicted from its slots, and the
+    other sidecar may have deleted it by then.
+    """
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target)
-    return hashlib.sha256((target / WEIGHTS_FILE).read_bytes()).hexdigest()
+    digest = hashlib.sha256(str(target.resolve()).encode())
+    digest.update((target / WEIGHTS_FILE).read_bytes())
+    return digest.hexdigest()
 
 
 def _str(path: Path | None) -> str | None:

@@ -1,6 +1,7 @@
 """Readiness while the policy starts: ``--vllm`` servers that do not answer yet. ``/readyz`` and every call to the
 policy answer 503 with ``Retry-After`` and the reason, ``/healthz`` says what is going on, neither probe needs a
-key, and once the server answers the sidecar attaches to it by itself."""
+key, and once the server answers the sidecar attaches to it by itself; sidecars that share a server load their
+own adapters into it."""
 
 from __future__ import annotations
 
@@ -106,6 +107,24 @@ async def test_a_restarted_sidecar_is_ready_only_once_the_active_version_is_load
         assert restarted.requests[-1].body["model"] == served_name  # the first call is served by v1
     finally:
         await restarted.stop()
+
+
+async def test_sidecars_sharing_a_vllm_server_never_serve_each_other_s_adapter_folder(
+    start_proxy, vllm_fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The same weights registered as v1 by two sidecars with their own adapters folders: vLLM holds a LoRA by
+    name, so each must load its own copy, which it alone may delete (a shared name would answer "already
+    loaded" and serve the first sidecar's folder)."""
+    names = []
+    for sidecar in ("a", "b"):
+        proxy: Proxy = await start_proxy(
+            "", vllm=(vllm_fake.url,), optimize=False, adapters_dir=tmp_path / sidecar, db=tmp_path / f"{sidecar}.db"
+        )
+        names.append(await activate_an_adapter(proxy, tmp_path / f"weights-{sidecar}"))
+        await proxy.stop()
+    weights = [(tmp_path / f"weights-{s}" / "adapter_model.safetensors").read_bytes() for s in ("a", "b")]
+    assert weights[0] == weights[1] and names[0] != names[1]
+    assert [vllm_fake.loras[name] for name in names] == [str(tmp_path / s / "v1" / "adapter") for s in ("a", "b")]
 
 
 async def test_a_replica_that_restarts_under_the_sidecar_gets_the_active_version_back(

@@ -243,11 +243,13 @@ async def test_a_canary_takes_whole_sessions_and_a_failed_publish_keeps_the_acti
                 await client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2)
         assert (await admin(proxy, "/admin/rollback", {}))[1] == {"rolled_back": "v1", "active": "base"}
 
-        # A version whose files vanished before activation: vLLM refuses it, the base keeps serving.
+        # A version whose files vanished before activation is refused before vLLM is asked to load it, and the
+        # base keeps serving.
         assert (await admin(proxy, "/admin/adapters", {"path": str(random_adapter)}))[1]["version"] == "v2"
         shutil.rmtree(tmp_path / "adapters" / "v2")
         status, error = await admin(proxy, "/admin/adapters/v2/activate", {})
         assert status == 502 and "v2 was not published" in error["error"]["message"]
+        assert "has lost adapter_config.json and adapter_model.safetensors" in error["error"]["message"]
         assert "Paris" in await ask(proxy)
         listing = (await admin(proxy, "/admin/adapters"))[1]
         assert listing["active"] == "base"
