@@ -123,11 +123,13 @@ async def test_a_full_write_queue_applies_backpressure_and_loses_nothing(fake: F
     assert len(await proxy.spans()) == 60
 
 
-async def test_the_store_writer_runs_below_the_request_path(proxy: Proxy) -> None:
+async def test_the_store_writer_runs_below_the_request_path_and_catches_up_beside_it(proxy: Proxy) -> None:
     [writer] = [t for t in threading.enumerate() if t.name == "lightwire-store-writer"]
-    assert writer.native_id is not None
-    nice = os.getpriority(os.PRIO_PROCESS, writer.native_id)
-    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WRITER_NICENESS)
+    [catch_up] = [t for t in threading.enumerate() if t.name == "lightwire-store-catch-up"]
+    assert writer.native_id is not None and catch_up.native_id is not None
+    loop = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == min(19, loop + WRITER_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, catch_up.native_id) == loop
 
 
 async def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:

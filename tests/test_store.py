@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from aiohttp import web
 from store import idkeys, migrations, queries
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
-from store.writer import Writer
+from store.writer import CATCH_UP_FROM, Writer
 from tests.conftest import read_rows
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -171,6 +172,41 @@ async def test_a_row_is_committed_within_the_flush_interval_even_when_writes_are
     await writer.close()
     assert len(lags) == 500
     assert max(lags) <= 0.3 + 0.06, sorted(lags)[-5:]  # the margin: scheduling on a busy machine
+
+
+async def test_a_writer_that_falls_behind_hands_its_turn_to_one_at_full_priority(tmp_path: Path) -> None:
+    """The nice writer thread, starved (here: slow after each commit), lets more than a batch of rows queue up:
+    the catch-up thread takes the turn, writes the backlog, and hands the turn back once it is down to a quarter
+    of that; nothing is lost or written twice, and closing ends both threads."""
+    committed: list[tuple[str, int]] = []
+
+    def on_commit(records: list[Any]) -> None:
+        committed.append((threading.current_thread().name, len(records)))
+        if threading.current_thread().name == "lightwire-store-writer":
+            time.sleep(0.2)  # a starved thread, as on a saturated core
+
+    writer = Writer(
+        tmp_path / "store.duckdb", kinds=[Feedback], on_commit=on_commit, max_pending=20_000, flush_interval=0.05
+    )
+    writer.open()
+    rows = 3 * CATCH_UP_FROM
+    for n in range(rows):  # faster than any writer: the queue grows past CATCH_UP_FROM at once
+        await writer.reserve()
+        writer.submit(feedback(n))
+    await writer.flush()
+    assert writer.catch_ups == 1 and writer.pending == 0
+    threads = [name for name, _ in committed]
+    assert threads[0] == "lightwire-store-writer" and "lightwire-store-catch-up" in threads
+    await writer.reserve()
+    writer.submit(feedback(rows))
+    await writer.flush()
+    assert committed[-1] == ("lightwire-store-writer", 1)  # the turn was handed back
+    await writer.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("lightwire-store-")]
+    [row] = read_rows(
+        tmp_path / "store.duckdb", "SELECT count(*) AS n, count(DISTINCT feedback_id) AS ids FROM feedback"
+    )
+    assert row == {"n": rows + 1, "ids": rows + 1} and writer.rejected == 0
 
 
 def span(n: int, session_id: str | None, response_id: str | None) -> Span:
