@@ -18,7 +18,7 @@ worker thread, through the store writer's cursor.
 ``lightwire_store_rejected_rows_total``          rows the store refused (set aside next to the database)
 ``lightwire_store_write_failures_total``         attempts to write a batch that failed (each is tried again)
 ``lightwire_store_writer_restarts_total``        restarts of the writer thread's loop after an exception
-``lightwire_store_catch_ups_total``              times the write queue grew past a batch (the nice writer thread fell
+``lightwire_store_catch_ups_total``              times the write queue reached 5,000 rows (the nice writer thread fell
                                                  behind) and a writer thread at the loop's priority took over
 ``lightwire_store_unavailable_total``            waits for the store that timed out: requests answered 503
 ``lightwire_feedback_total``                     feedback rows by ``source`` (``api``, ``hook:...``)
@@ -174,7 +174,7 @@ class _Scraped(Collector):
             ("lightwire_store_writer_restarts", "Restarts of the writer thread after an exception.", writer.restarts),
             (
                 "lightwire_store_catch_ups",
-                "Times the store's queue grew past a batch and a writer at full priority took over.",
+                "Times the store's queue reached CATCH_UP_FROM rows and a writer at full priority took over.",
                 writer.catch_ups,
             ),
             ("lightwire_store_unavailable", "Waits for the store that timed out (answered 503).", writer.unavailable),

@@ -1,7 +1,7 @@
 """The store's single writer: one thread at a time writes the DuckDB file; everything else hands it rows through a
 queue. That thread is nicer than the event loop, so that on a shared core requests run first; when it falls behind
-for good (more than a batch queued: a saturated core leaves it too little), a second thread at the loop's own
-priority takes the turn until the backlog is down to a quarter of that (:data:`CATCH_UP_FROM`).
+for good (:data:`CATCH_UP_FROM` rows queued: a saturated core leaves it too little), a second thread at the loop's
+own priority takes the turn until the backlog is down to a quarter of that.
 
 Durability policy, in full:
 
@@ -336,10 +336,9 @@ class Writer:
     def _serve(self, con: duckdb.DuckDBPyConnection, catch_up: bool) -> None:
         """Take turns: the nice thread writes unless the other is catching up; that one writes from
         ``CATCH_UP_FROM`` queued rows until they are down to a quarter of it (or, closing, until the end)."""
-        mine = (lambda: self._catching_up or self._closing) if catch_up else (lambda: not self._catching_up)
         while True:
             with self._state:
-                self._state.wait_for(lambda: mine() or self._closing)
+                self._state.wait_for(lambda: self._closing or self._catching_up == catch_up)
             with self._turn:
                 while True:
                     if not self._step(con):
