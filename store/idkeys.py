@@ -1,14 +1,12 @@
-"""Finding a call by its response id without an index.
+"""Finding a call by its response id or span id without an index.
 
-An ART index stays in memory for the life of the process, and the one on the spans' response ids held ~50 bytes a
-span; the lookup it was for (the newest call with a response id: feedback and ``previous_response_id`` naming a
-call the session index no longer holds) did not even use it. Instead the id has a key column, 64 bits of the MD5
-of its UTF-8 bytes, filled as a row is inserted, and a lookup scans it: 9.9 ms at 1M spans, where the lookup took
-52.9 ms with the index (``bench.store_growth``). A collision of keys costs a comparison of the ids, never a wrong
-answer.
-
-The session id keeps its index: a call naming a session the proxy does not hold in memory counts that session's
-earlier calls on the request path (~1 ms at 1M spans with the index, 9-15 ms scanning a key).
+An ART index on random ids is touched all over by every batch, so DuckDB holds it whole: the one on the spans'
+response ids held ~50 bytes a span, and the lookup it was for (the newest call with a response id: feedback and
+``previous_response_id`` naming a call the session index no longer holds) did not even use it. The spans' primary
+key is by start time first for the same reason (migration ``013_spans_by_time``), so it cannot find a span id
+alone either. Instead each id has a key column, 64 bits of the MD5 of its UTF-8 bytes, filled as a row is
+inserted, and a lookup scans it: ~5 ms at 1M spans (``bench.store_growth``). A collision of keys costs a
+comparison of the ids, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from __future__ import annotations
 import hashlib
 
 # Table -> key column -> the id column it is made from.
-KEYS: dict[str, dict[str, str]] = {"spans": {"response_key": "response_id"}}
+KEYS: dict[str, dict[str, str]] = {"spans": {"response_key": "response_id", "span_key": "span_id"}}
 _KEY_OF = {column: key for keys in KEYS.values() for key, column in keys.items()}
 
 

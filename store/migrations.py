@@ -227,6 +227,60 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP INDEX spans_session_id;
         """,
     ),
+    (
+        # The primary key on the span id alone was a tree of random keys: every batch touched all of it, so DuckDB
+        # held it whole (~50 bytes a span) and every checkpoint grew dearer with the table. Keyed by start time
+        # first, a batch touches only its newest edge, which is all DuckDB loads between checkpoints: its memory
+        # and a checkpoint's cost stay flat as the table grows. A row is still written once (a retried batch or a
+        # share's segment brings the same start time). Lookups by span id scan a 64-bit key of it (store.idkeys).
+        "013_spans_by_time",
+        f"""
+        CREATE TABLE spans_by_time (
+            span_id VARCHAR NOT NULL,
+            trace_id VARCHAR NOT NULL,
+            parent_span_id VARCHAR,
+            session_id VARCHAR,
+            operation_name VARCHAR NOT NULL,
+            provider_name VARCHAR NOT NULL,
+            request_model VARCHAR,
+            response_model VARCHAR,
+            response_id VARCHAR,
+            request_stream BOOLEAN NOT NULL,
+            request_max_tokens BIGINT,
+            request_temperature DOUBLE,
+            request_top_p DOUBLE,
+            response_finish_reasons VARCHAR[],
+            usage_input_tokens BIGINT,
+            usage_output_tokens BIGINT,
+            request JSON NOT NULL,
+            response JSON,
+            prompt_token_ids INTEGER[],
+            completion_token_ids INTEGER[][],
+            completion_logprobs FLOAT[][],
+            start_time TIMESTAMPTZ NOT NULL,
+            duration_ms DOUBLE NOT NULL,
+            time_to_first_chunk_ms DOUBLE,
+            http_status INTEGER,
+            error_type VARCHAR,
+            error_message VARCHAR,
+            turn_index INTEGER,
+            session_source VARCHAR,
+            adapter_version VARCHAR,
+            share_seq BIGINT DEFAULT nextval('share_seq'),
+            request_bytes BIGINT,
+            response_bytes BIGINT,
+            memory_version VARCHAR,
+            memory_examples VARCHAR[],
+            upstream_duration_ms DOUBLE,
+            response_key UBIGINT,
+            span_key UBIGINT,                   -- 64 bits of the span id's MD5 (store.idkeys)
+            PRIMARY KEY (start_time, span_id)
+        );
+        INSERT INTO spans_by_time BY NAME SELECT *, {idkeys.sql("span_id")} AS span_key FROM spans;
+        DROP TABLE spans;
+        ALTER TABLE spans_by_time RENAME TO spans;
+        """,
+    ),
 ]
 
 

@@ -15,7 +15,9 @@ def find_call(
 ) -> tuple[str, str | None] | None:
     """``(span_id, session_id)`` of the call with this span id or response id, or None."""
     if span_id is not None:
-        row = con.execute("SELECT span_id, session_id FROM spans WHERE span_id = ?", [span_id]).fetchone()
+        row = con.execute(
+            f"SELECT span_id, session_id FROM spans WHERE {idkeys.match('span_id')}", idkeys.args(span_id)
+        ).fetchone()
     elif response_id is not None:
         newest = f"WHERE {idkeys.match('response_id')} ORDER BY start_time DESC LIMIT 1"
         row = con.execute(f"SELECT span_id, session_id FROM spans {newest}", idkeys.args(response_id)).fetchone()

@@ -246,7 +246,7 @@ def test_the_response_key_migration_drops_the_index_and_fills_the_keys_of_existi
     with store_before(db, "011_response_key", monkeypatch) as con:
         for n, response_id in ((1, "r1"), (2, None)):
             insert_span(con, n, session_id="s1", response_id=response_id)
-        assert migrations.migrate(con) == ["011_response_key", "012_session_turns"]
+        assert migrations.migrate(con) == applied_from("011_response_key")
         assert queries.find_call(con, response_id="r1") == (f"{1:016x}", "s1")
     assert spans_indexes(db) == {}
 
@@ -289,11 +289,37 @@ def test_the_session_turns_migration_counts_each_ended_session_and_drops_the_ind
         for n, (session_id, turn) in enumerate([("ended", 0), ("ended", 1), ("ended", None), ("open", 0)]):
             insert_span(con, n, session_id=session_id, turn_index=turn, start_time=start + timedelta(seconds=n))
         con.execute("INSERT INTO sessions (session_id, ended_at, end_reason) VALUES ('ended', now(), 'idle')")
-        assert migrations.migrate(con) == ["012_session_turns"]
+        assert migrations.migrate(con) == applied_from("012_session_turns")
         assert queries.session_record(con, "ended") == (2, start)  # model calls only
         # the session a process held when it stopped unended: found at the next start
         [(session_id, turns, first, last)] = queries.interrupted_sessions(con)
         assert (session_id, turns, last - first) == ("open", 1, timedelta(0))
+    assert spans_indexes(db) == {}
+
+
+def test_the_spans_by_time_migration_keys_the_spans_by_start_time_and_keeps_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "store.duckdb"
+    with store_before(db, "013_spans_by_time", monkeypatch) as con:
+        start = datetime(2025, 1, 2, tzinfo=UTC)
+        for n in range(3):
+            insert_span(con, n, session_id=f"s{n}", start_time=start + timedelta(seconds=n))
+        before = con.execute("SELECT * FROM spans ORDER BY span_id").fetchall()
+        assert migrations.migrate(con) == ["013_spans_by_time"]
+        assert con.execute("SELECT * EXCLUDE (span_key) FROM spans ORDER BY span_id").fetchall() == before
+        assert queries.find_call(con, span_id=f"{1:016x}") == (f"{1:016x}", "s1")
+        # a row already written is refused again; the same span id at another time is another row
+        with pytest.raises(duckdb.ConstraintException, match="Duplicate key"):
+            insert_span(con, 1, start_time=start + timedelta(seconds=1))
+        insert_span(con, 1, start_time=start + timedelta(seconds=9))
+        nextval = con.execute("SELECT max(share_seq) FROM spans").fetchone()
+        assert nextval == (con.execute("SELECT currval('share_seq')").fetchone()[0],)
+    assert read_rows(
+        db,
+        "SELECT constraint_column_names AS key FROM duckdb_constraints() "
+        "WHERE table_name = 'spans' AND constraint_type = 'PRIMARY KEY'",
+    ) == [{"key": ["start_time", "span_id"]}]
     assert spans_indexes(db) == {}
 
 
@@ -312,6 +338,10 @@ def store_before(db: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
             patch.setattr(migrations, "MIGRATIONS", [m for m in migrations.MIGRATIONS if m[0] < name])
             migrations.migrate(con)
         yield con
+
+
+def applied_from(name: str) -> list[str]:
+    return [m for m, _ in migrations.MIGRATIONS if m >= name]
 
 
 def spans_indexes(db: Path) -> dict[str, str]:
