@@ -306,7 +306,7 @@ def test_the_spans_by_time_migration_keys_the_spans_by_start_time_and_keeps_ever
         for n in range(3):
             insert_span(con, n, session_id=f"s{n}", start_time=start + timedelta(seconds=n))
         before = con.execute("SELECT * FROM spans ORDER BY span_id").fetchall()
-        assert migrations.migrate(con) == ["013_spans_by_time"]
+        assert migrations.migrate(con) == applied_from("013_spans_by_time")
         assert con.execute("SELECT * EXCLUDE (span_key) FROM spans ORDER BY span_id").fetchall() == before
         assert queries.find_call(con, span_id=f"{1:016x}") == (f"{1:016x}", "s1")
         # a row already written is refused again; the same span id at another time is another row
@@ -321,6 +321,19 @@ def test_the_spans_by_time_migration_keys_the_spans_by_start_time_and_keeps_ever
         "WHERE table_name = 'spans' AND constraint_type = 'PRIMARY KEY'",
     ) == [{"key": ["start_time", "span_id"]}]
     assert spans_indexes(db) == {}
+
+
+def test_no_table_keeps_an_index_beyond_its_primary_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB holds an index on random keys whole, for the life of the process: only what a lookup uses stays."""
+    with store_before(tmp_path / "store.duckdb", "014_feedback_unindexed", monkeypatch) as con:
+        con.execute(
+            "INSERT INTO feedback (feedback_id, span_id, session_id, name, value, source, created_at) VALUES ('f1', 's1', 'session', 'reward', 1, 'api', now())"
+        )
+        assert migrations.migrate(con) == ["014_feedback_unindexed"]
+        assert con.execute("SELECT table_name, index_name FROM duckdb_indexes()").fetchall() == []
+        assert con.execute("SELECT feedback_id, span_id, session_id FROM feedback").fetchall() == [
+            ("f1", "s1", "session")
+        ]
 
 
 def insert_span(con: duckdb.DuckDBPyConnection, n: int, **columns: Any) -> None:
