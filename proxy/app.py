@@ -57,7 +57,7 @@ from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
 from store.memory import MemoryBank
 from store.runs import Run
-from store.spans import Span
+from store.spans import MODEL_OPERATIONS, Span
 from store.writer import Record, StoreUnavailable, Writer
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     def on_commit(records: list[Record]) -> None:
         if exporter is not None:
-            exporter.export([r.span for r in records if isinstance(r, Call) and isinstance(r.span, Span)])
+            exporter.export([r for r in records if isinstance(r, Span) and r.operation_name in MODEL_OPERATIONS])
         if hooks is not None:
             hooks.committed(records)
         counted.committed(records)
@@ -399,7 +399,7 @@ async def model_call(request: web.Request, operation: str) -> web.StreamResponse
             return await providers.forward(request, call, target, request.app[CONFIG])
     finally:
         call.end()
-        writer.submit(call)
+        writer.submit(call.settled())
         sessions.finish(call.session_id, conversation, call.replies())
         response_id = call.response.get("id") if call.response else None
         sessions.remember_call(call.ids.span_id, response_id, call.session_id)

@@ -107,7 +107,7 @@ class Sampler:
         for sample in samples:
             if sample is not None:
                 await self.writer.reserve()
-                self.writer.submit(sample)
+                self.writer.submit(sample.settled())
                 self.recorded += 1
 
     async def _one(

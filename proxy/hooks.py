@@ -57,11 +57,10 @@ from proxy import providers
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.feedback import FeedbackDesk
-from proxy.relay import Call
 from store import queries
 from store.feedback import SessionEnd
 from store.items import content_text
-from store.spans import SPAN_COLUMNS, Span
+from store.spans import MODEL_OPERATIONS, SPAN_COLUMNS, Span
 from store.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -213,7 +212,11 @@ class HookRunner:
         loop = self._loop
         if loop is None:
             return
-        spans = [r.span for r in records if isinstance(r, Call) and r.span is not None] if self.hooks[SPAN] else []
+        spans = (
+            [r for r in records if isinstance(r, Span) and r.operation_name in MODEL_OPERATIONS]
+            if self.hooks[SPAN]
+            else []
+        )
         ended = [r.session_id for r in records if isinstance(r, SessionEnd)]
         if spans or (ended and (self.hooks[SESSION] or self.hooks[GROUP])):
             with contextlib.suppress(RuntimeError):  # the loop is closing: nothing more will be scored

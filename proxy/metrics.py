@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from proxy.backends import BACKENDS
 from proxy.config import Config
-from proxy.relay import WIRES, Call
+from proxy.relay import WIRES
 from store import stats
 from store.adapters import Adapter
 from store.feedback import Feedback
@@ -102,9 +102,7 @@ class Metrics:
     def committed(self, records: Sequence[Record]) -> None:
         """Count the rows of one committed batch (called in the store's writer thread)."""
         for record in records:
-            if isinstance(record, Call) and isinstance(record.span, Span):
-                self._span(record.span)
-            elif isinstance(record, Span):  # another /v1/ path (proxy.passthrough); its operation is the path
+            if isinstance(record, Span):  # a model call, or another /v1/ path (proxy.passthrough): its operation
                 self._span(record)
             elif isinstance(record, Feedback):
                 self.feedback.labels(record.source).inc()

@@ -73,7 +73,8 @@ class StreamBroken(HTTPError):
 
 
 class Call:
-    """One model call in flight; the store writes it as one ``spans`` row (it is a store ``Record``)."""
+    """One model call in flight; once it has ended, :meth:`settled` is what the store writes of it: one ``spans``
+    row (a call is a store ``Record`` too)."""
 
     table: ClassVar[str] = "spans"
 
@@ -114,7 +115,6 @@ class Call:
         self.response_raw: bytes | None = None  # a non-streaming body, as received
         self.chunks: list[dict[str, Any]] = []  # a stream's chunks, as received
         self.response: dict[str, Any] | None = None  # the whole response, once settled
-        self.span: Span | None = None
 
     def fail(self, status: int | None, error_type: str, message: str) -> None:
         if self.error_type is None:  # the first failure is the cause
@@ -144,9 +144,19 @@ class Call:
         """The assistant messages of a chat or Responses call, one per choice."""
         return self.wire.replies(self.response) if self.response is not None else []
 
+    def settled(self) -> Span | Call:
+        """What the store is handed once the call has ended: its span, built now. Whatever waits for the writer
+        is the cycle collector's to walk at each collection, and a span is ~2 objects where the call with its
+        parsed request and response is dozens; the call itself goes as soon as its handler is done. If building
+        the span fails, the call goes instead: the writer tries again, and refuses its row saying why."""
+        try:
+            return self.to_span()
+        except Exception:
+            log.exception("could not build the span of call %s", self.ids.span_id)
+            return self
+
     def to_row(self) -> tuple[object, ...]:
-        self.span = self.to_span()
-        return self.span.to_row()
+        return self.to_span().to_row()
 
     def to_span(self) -> Span:
         response = self.response

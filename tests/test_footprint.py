@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +16,8 @@ import openai
 import pytest
 
 from proxy import loopwatch
-from proxy.app import ENDS_PER_TURN, end_sessions
+from proxy.app import ENDS_PER_TURN, WRITER, end_sessions
+from proxy.relay import Call
 from proxy.sessions import Sessions
 from store import writer as writer_module
 from store.feedback import Feedback, SessionEnd
@@ -251,3 +254,40 @@ def test_a_session_the_index_has_no_room_for_is_still_ended_once_and_counts_on_u
     assert sessions.end("a") == ("a", 2, FIRST)
     sessions.settled([("a", 1)])  # an earlier end, committed late: the later one is still on its way
     assert sessions.is_known("a") and sessions.begin("a") == 2
+
+
+async def test_a_call_waiting_for_the_store_is_its_span_alone(
+    proxy: Proxy, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What waits for the writer is walked at every collection: a span, not the call with its parsed bodies."""
+    assert proxy.runner is not None
+    writer, go = proxy.runner.app[WRITER], threading.Event()
+    write_once = Writer._write_once
+    monkeypatch.setattr(Writer, "_write_once", lambda self, con, batch: go.wait(10) and write_once(self, con, batch))
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True, extra_headers={"x-fake-chunks": "20"}
+    )
+    assert [chunk async for chunk in stream]
+    await asyncio.sleep(0.05)  # the handler's bookkeeping after the last chunk
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Call)] == [] and writer.written == 0
+    go.set()
+    rows = await proxy.spans()
+    assert [(r["request_stream"], r["http_status"]) for r in rows] == [(False, 200), (True, 200)]
+
+
+async def test_a_call_whose_span_cannot_be_built_is_answered_and_its_row_refused_saying_why(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(call: Call) -> Span:
+        raise RuntimeError("no span today")
+
+    monkeypatch.setattr(Call, "to_span", broken)
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
+    assert await proxy.spans() == []
+    [line] = proxy.config.db.with_suffix(".rejected.jsonl").read_text().splitlines()
+    assert json.loads(line)["reason"] == "could not build the row: RuntimeError('no span today')"
