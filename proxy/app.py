@@ -57,7 +57,7 @@ from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
 from store.memory import MemoryBank
 from store.runs import Run
-from store.spans import MODEL_OPERATIONS, Span
+from store.spans import Span, model_calls
 from store.writer import Record, StoreUnavailable, Writer
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
     def on_commit(records: list[Record]) -> None:
         if exporter is not None:
-            exporter.export([r for r in records if isinstance(r, Span) and r.operation_name in MODEL_OPERATIONS])
+            exporter.export(model_calls(records))
         if hooks is not None:
             hooks.committed(records)
         counted.committed(records)

@@ -60,7 +60,7 @@ from proxy.feedback import FeedbackDesk
 from store import queries
 from store.feedback import SessionEnd
 from store.items import content_text
-from store.spans import MODEL_OPERATIONS, SPAN_COLUMNS, Span
+from store.spans import SPAN_COLUMNS, Span, model_calls
 from store.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -212,11 +212,7 @@ class HookRunner:
         loop = self._loop
         if loop is None:
             return
-        spans = (
-            [r for r in records if isinstance(r, Span) and r.operation_name in MODEL_OPERATIONS]
-            if self.hooks[SPAN]
-            else []
-        )
+        spans = model_calls(records) if self.hooks[SPAN] else []
         ended = [r.session_id for r in records if isinstance(r, SessionEnd)]
         if spans or (ended and (self.hooks[SESSION] or self.hooks[GROUP])):
             with contextlib.suppress(RuntimeError):  # the loop is closing: nothing more will be scored

@@ -1,8 +1,8 @@
 """What the proxy knows of the OpenAI wire format: validating requests, asking a backend for exact tokens,
 hiding what the client did not ask for, reassembling streams, and reading the fields a span records.
 
-Everything here is a pure function of JSON-like values, so it is cheap to test and safe to run off the request
-path (the store's writer thread builds span rows with :func:`extract`).
+Everything here is a pure function of JSON-like values, so it is cheap to test; a call's span is built with
+:func:`extract` when the call ends, after its response has gone to the client.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import ClassVar
@@ -58,6 +59,12 @@ SAMPLE_SOURCE = "sample"
 RESPONSES = "responses"  # a call of the Responses API (POST /v1/responses)
 MODEL_OPERATIONS = ("chat", "text_completion", RESPONSES)
 MODEL_CALL = f"operation_name IN {MODEL_OPERATIONS}"  # as SQL
+
+
+def model_calls(records: Iterable[object]) -> list[Span]:
+    """The spans of model calls (the client's and group samples) among rows the store was handed."""
+    return [r for r in records if isinstance(r, Span) and r.operation_name in MODEL_OPERATIONS]
+
 
 SPAN_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Span))
 
