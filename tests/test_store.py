@@ -327,7 +327,8 @@ def test_no_table_keeps_an_index_beyond_its_primary_key(tmp_path: Path, monkeypa
     """DuckDB holds an index on random keys whole, for the life of the process: only what a lookup uses stays."""
     with store_before(tmp_path / "store.duckdb", "014_feedback_unindexed", monkeypatch) as con:
         con.execute(
-            "INSERT INTO feedback (feedback_id, span_id, session_id, name, value, source, created_at) VALUES ('f1', 's1', 'session', 'reward', 1, 'api', now())"
+            "INSERT INTO feedback (feedback_id, span_id, session_id, name, value, source, created_at) "
+            "VALUES ('f1', 's1', 'session', 'reward', 1, 'api', now())"
         )
         assert migrations.migrate(con) == ["014_feedback_unindexed"]
         assert con.execute("SELECT table_name, index_name FROM duckdb_indexes()").fetchall() == []
