@@ -162,7 +162,7 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WRITER] = writer
     yield
     await writer.close()
-    log.info("store closed: %d spans written", writer.written)
+    log.info("store closed: %d rows written (spans, feedback, sessions, ...)", writer.written)
 
 
 async def share_ctx(app: web.Application) -> AsyncIterator[None]:
