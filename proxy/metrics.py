@@ -102,7 +102,7 @@ class Metrics:
     def committed(self, records: Sequence[Record]) -> None:
         """Count the rows of one committed batch (called in the store's writer thread)."""
         for record in records:
-            if isinstance(record, Span):  # a model call, or another /v1/ path (proxy.passthrough): its operation
+            if isinstance(record, Span):  # a model call, or another /v1/ path (proxy.passthrough), by operation
                 self._span(record)
             elif isinstance(record, Feedback):
                 self.feedback.labels(record.source).inc()

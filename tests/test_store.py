@@ -313,8 +313,8 @@ def test_the_spans_by_time_migration_keys_the_spans_by_start_time_and_keeps_ever
         with pytest.raises(duckdb.ConstraintException, match="Duplicate key"):
             insert_span(con, 1, start_time=start + timedelta(seconds=1))
         insert_span(con, 1, start_time=start + timedelta(seconds=9))
-        nextval = con.execute("SELECT max(share_seq) FROM spans").fetchone()
-        assert nextval == (con.execute("SELECT currval('share_seq')").fetchone()[0],)
+        newest = con.execute("SELECT max(share_seq) FROM spans").fetchone()
+        assert newest == (con.execute("SELECT currval('share_seq')").fetchone()[0],)
     assert read_rows(
         db,
         "SELECT constraint_column_names AS key FROM duckdb_constraints() "
