@@ -13,9 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
-
-from store import rows
+from store import database, rows
 from store.adapters import Adapter
 from store.feedback import Feedback, SessionEnd
 from store.migrations import migrate
@@ -48,7 +46,7 @@ def reimport(db: Path) -> Report:
     report = Report(path)
     if not path.exists():
         return report
-    con = duckdb.connect(str(db))
+    con = database.connect(db)
     try:
         migrate(con)
         tables = {

@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import duckdb
 
+from store import database
 from store import rows as store_rows
 from store.migrations import migrate
 
@@ -190,7 +191,7 @@ class Writer:
     def open(self) -> None:
         """Open (creating if needed) and migrate the database, then start the writer thread."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._con = duckdb.connect(str(self.path), config=self.duckdb_config)
+        self._con = database.connect(self.path, self.duckdb_config)
         applied = migrate(self._con)
         if applied:
             log.info("store %s: applied migrations %s", self.path, ", ".join(applied))
@@ -290,7 +291,7 @@ class Writer:
         with self._readers_lock:
             self._readers += 1
         try:
-            with self._con.cursor() as con:
+            with database.cursor(self._con) as con:
                 yield con
         finally:
             with self._readers_lock:
@@ -321,7 +322,7 @@ class Writer:
             me = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
         assert self._con is not None
-        con = self._con.cursor()
+        con = database.cursor(self._con)
         while True:
             try:
                 self._serve(con, catch_up)

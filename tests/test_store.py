@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import threading
@@ -19,7 +20,7 @@ import duckdb
 import pytest
 from aiohttp import web
 
-from store import idkeys, migrations, queries
+from store import database, idkeys, migrations, queries
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
 from store.writer import CATCH_UP_FROM, Writer
@@ -103,6 +104,33 @@ async def test_a_refused_row_leaves_its_batch_written_and_reimport_brings_it_bac
     assert [(r["feedback_id"], r["value"]) for r in rows] == [("fb-1", 1.0), ("fb-2", 0.5), ("fb-3", 1.0)]
     assert rows[1]["created_at"] == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert not rejected.exists()
+
+
+async def test_every_writer_of_the_file_keeps_its_row_groups_small(tmp_path: Path) -> None:
+    """A checkpoint rewrites the last, partly filled row group whole: at DuckDB's default (122,880 rows) the
+    sidecar's checkpoints grew to seconds and hundreds of MB. DuckDB keeps no row group size in the file, so the
+    writer and ``store reimport`` each set it, and neither merges the other's groups back into big ones."""
+    db = tmp_path / "store.duckdb"
+    for first in (0, 3000):  # two runs of the sidecar, a checkpoint at each close
+        writer = Writer(db, kinds=[Feedback])
+        writer.open()
+        for n in range(first, first + 3000):
+            await writer.reserve()
+            writer.submit(feedback(n))
+        await writer.flush()
+        await writer.close()
+    db.with_suffix(".rejected.jsonl").write_text(
+        json.dumps({"table": "feedback", "reason": "r", "row": dataclasses.asdict(feedback(6000))}, default=str) + "\n"
+    )
+    code, out = await lightwire("store", "reimport", "--db", str(db))
+    assert code == 0 and "imported 1 feedback" in out, out
+    groups = read_rows(
+        db,
+        "SELECT row_group_id, sum(count) AS n FROM pragma_storage_info('feedback') WHERE column_path = '[0]' "
+        "GROUP BY ALL ORDER BY 1",
+    )
+    assert sum(g["n"] for g in groups) == 6001
+    assert max(g["n"] for g in groups) <= database.ROW_GROUP_SIZE and len(groups) >= 3, groups
 
 
 async def test_reimport_reads_the_spans_earlier_versions_refused(tmp_path: Path) -> None:
