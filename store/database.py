@@ -3,9 +3,9 @@
 A checkpoint rewrites a table's last, partly filled row group whole. At DuckDB's default size (122,880 rows, some
 120 MB of spans) the sidecar's checkpoints grew with that group as it filled: up to 3.1 s and +390 MB of RSS for
 one checkpoint, 20 s of insert time for 600k spans of ~1 KB. At 2,048 rows (DuckDB's smallest) the same inserts
-took 4.2 s, the slowest 37 ms, and a checkpoint's RSS rose by 28 MB at most; scans ran as fast. DuckDB keeps no
-row group size in the file (a connection opened without it merges small groups back at its next checkpoint), so
-every connection that writes the file comes from :func:`connect`.
+took 4.2 s, the slowest 37 ms, and a checkpoint's RSS rose by 28 MB at most; scans ran as fast
+(``bench.row_groups``). DuckDB keeps no row group size in the file (a connection opened without it merges small
+groups back at its next checkpoint), so every connection that writes the file comes from :func:`connect`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ CATALOG = "store"  # the file's name inside the connection (ATTACH ... AS store)
 Config = Mapping[str, str | bool | int | float | list[str]]
 
 
-def connect(path: Path, config: Config | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    path: Path, config: Config | None = None, *, row_group_size: int = ROW_GROUP_SIZE
+) -> duckdb.DuckDBPyConnection:
     """A connection whose default catalog is the file at ``path`` (created if missing); raises
-    :class:`duckdb.IOException` if another process holds it."""
+    :class:`duckdb.IOException` if another process holds it. (``row_group_size`` is for ``bench.row_groups``.)"""
     # Spills go beside the file, as they would for duckdb.connect(path), not into the working directory.
     con = duckdb.connect(":memory:", config={"temp_directory": f"{path}.tmp", **(config or {})})
     literal = str(path).replace("'", "''")
     try:
-        con.execute(f"ATTACH '{literal}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+        con.execute(f"ATTACH '{literal}' AS {CATALOG} (ROW_GROUP_SIZE {row_group_size})")
         con.execute(f"USE {CATALOG}")
     except BaseException:
         con.close()
