@@ -28,9 +28,13 @@ span and response id) holds at most ``session_index_size`` entries, dropping the
 starts a new session; feedback for a call no longer remembered is looked up in the store. Ended sessions whose
 rows are not yet committed are held besides: those of the last flush interval or two, or while the store fails.
 
-Every entry these tables hold is a plain tuple of strings and numbers. CPython's cycle collector stops tracking
-such tuples (not those of a tuple subclass), so full collections do not walk the index: with a tracked object per
-entry they grew with it, pausing the event loop for over 100 ms once the index held about 100,000 calls.
+What the tables hold is kept out of the cycle collector's way. A session's state and a call's ids are strings and
+numbers, in tables of their own, so a call adds no container. A tracked object per entry made full collections
+grow with the index (over 100 ms once it held ~100,000 calls); and even tuples of strings and numbers, which the
+collector stops tracking once it has seen them, were seen first by a young collection, and a table that drops an
+entry for each one it adds leaves the collector's count of new objects where it was: young collections came
+seldom, and found 50,000-80,000 such tuples, pausing the event loop for 17-50 ms each (the soak's p99). The
+conversation prefixes' claims are still tuples, one or two a linkable call.
 """
 
 from __future__ import annotations
@@ -52,9 +56,6 @@ MAX_SESSION_ID = 256
 MAX_CLAIMS = 16
 
 
-# A session in memory: (next turn index, calls in flight, time.monotonic() of its last activity, its first call's
-# start time).
-SessionState = tuple[int, int, float, datetime]
 # A session leaving memory, as its row records it: (session id, turns, its first call's start time).
 Ended = tuple[str, int, datetime]
 # The sessions whose reply ended a conversation prefix, oldest first, each with whether a call continued it.
@@ -67,9 +68,15 @@ class Sessions:
     def __init__(self, capacity: int) -> None:
         """Remember at most ``capacity`` sessions, conversation prefixes and calls (``session_index_size``)."""
         self.capacity = capacity
-        self.active: OrderedDict[str, SessionState] = OrderedDict()
+        # The sessions in memory: the time.monotonic() of each one's last activity, least recent first; and by
+        # session, its next turn index, its first call's start time, and its calls in flight (when any).
+        self.active: OrderedDict[str, float] = OrderedDict()
+        self._turns: dict[str, int] = {}
+        self._started: dict[str, datetime] = {}
+        self._in_flight: dict[str, int] = {}
         self._replies: OrderedDict[bytes, Claims] = OrderedDict()  # conversation-prefix hash -> its claims
-        self._calls: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._call_sessions: OrderedDict[str, str] = OrderedDict()  # recent calls: span id -> session id
+        self._response_spans: OrderedDict[str, str] = OrderedDict()  # and their response id -> span id
         self._evicted: list[Ended] = []  # sessions pushed out of ``active`` by newer ones, not yet ended
         self._ending: dict[str, tuple[int, datetime]] = {}  # ended, their rows not yet known to be committed
 
@@ -104,17 +111,18 @@ class Sessions:
         """Count a call into its session; return its turn index. ``recorded`` (turns, the first call's start)
         seeds a session not in memory, from its row in the store; ``now`` is when this call started (its span's
         start_time), by default now."""
-        state = self.active.get(session_id)
-        if state is None:
-            turn, started = self._ending.pop(session_id, recorded or (0, now or datetime.now(UTC)))
-            in_flight = 0
+        new = session_id not in self.active
+        if new:
+            turn, self._started[session_id] = self._ending.pop(session_id, recorded or (0, now or datetime.now(UTC)))
         else:
-            turn, in_flight, _, started = state
-        self.active[session_id] = (turn + 1, in_flight + 1, time.monotonic(), started)
+            turn = self._turns[session_id]
+        self._turns[session_id] = turn + 1
+        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
+        self.active[session_id] = time.monotonic()
         self.active.move_to_end(session_id)
-        if state is None:
+        if new:
             while len(self.active) > self.capacity:
-                self._evicted.append(self._leave(*self.active.popitem(last=False)))
+                self._evicted.append(self._leave(self.active.popitem(last=False)[0]))
         return turn
 
     def is_known(self, session_id: str) -> bool:
@@ -123,10 +131,11 @@ class Sessions:
     def finish(self, session_id: str, conversation: bytes | None, replies: Iterable[dict[str, Any]]) -> None:
         """A call ended: note when its session was last active and, for a linkable conversation (its hash from
         :meth:`attribute`), remember each reply as a point that a later call may continue from."""
-        state = self.active.get(session_id)
-        if state is not None:
-            next_turn, in_flight, _, started = state
-            self.active[session_id] = (next_turn, in_flight - 1, time.monotonic(), started)
+        if session_id in self.active:
+            in_flight = self._in_flight.pop(session_id, 0) - 1
+            if in_flight:
+                self._in_flight[session_id] = in_flight
+            self.active[session_id] = time.monotonic()
             self.active.move_to_end(session_id)
         if conversation is None:
             return
@@ -141,14 +150,17 @@ class Sessions:
 
     def remember_call(self, span_id: str, response_id: str | None, session_id: str) -> None:
         """Recent calls by span id and response id, for feedback that arrives before their rows are written."""
-        self._calls[span_id] = (span_id, session_id)
+        self._call_sessions[span_id] = session_id
+        self._trim(self._call_sessions)
         if response_id:
-            self._calls[response_id] = (span_id, session_id)
-        self._trim(self._calls, 2)  # a call is found by two keys
+            self._response_spans[response_id] = span_id
+            self._trim(self._response_spans)
 
     def find_call(self, key: str) -> tuple[str, str] | None:
         """``(span_id, session_id)`` of a recent call, by span id or response id."""
-        return self._calls.get(key)
+        span_id = self._response_spans.get(key, key)
+        session_id = self._call_sessions.get(span_id)
+        return None if session_id is None else (span_id, session_id)
 
     def idle(self, timeout: float) -> list[Ended]:
         """Sessions with nothing in flight and no call for ``timeout`` seconds, and those the index had no room
@@ -159,26 +171,27 @@ class Sessions:
         """
         cutoff = time.monotonic() - timeout
         gone = []
-        for session_id, (_, in_flight, last_seen, _) in self.active.items():
+        for session_id, last_seen in self.active.items():
             if last_seen >= cutoff:
                 break
-            if in_flight == 0:
+            if session_id not in self._in_flight:
                 gone.append(session_id)
-        ended = [self._leave(session_id, self.active.pop(session_id)) for session_id in gone] + self._evicted
+        for session_id in gone:
+            del self.active[session_id]
+        ended = [self._leave(session_id) for session_id in gone] + self._evicted
         self._evicted = []
         return ended
 
     def end(self, session_id: str) -> Ended | None:
         """End a session on request: what its row records, or None when it is not in memory."""
-        state = self.active.pop(session_id, None)
-        if state is not None:
-            return self._leave(session_id, state)
+        if self.active.pop(session_id, None) is not None:
+            return self._leave(session_id)
         ending = self._ending.get(session_id)
         return (session_id, *ending) if ending else None
 
     def end_all(self) -> list[Ended]:
         """Every open session leaves memory (the process is stopping)."""
-        ended = [self._leave(*item) for item in self.active.items()]
+        ended = [self._leave(session_id) for session_id in self.active]
         self.active.clear()
         return ended
 
@@ -189,8 +202,10 @@ class Sessions:
             if ending is not None and ending[0] == turns:  # not back, nor ended again since with more turns
                 del self._ending[session_id]
 
-    def _leave(self, session_id: str, state: SessionState) -> Ended:
-        next_turn, _, _, started = state
+    def _leave(self, session_id: str) -> Ended:
+        """The session's state leaves the tables (its entry in ``active`` is the caller's to remove)."""
+        next_turn, started = self._turns.pop(session_id), self._started.pop(session_id)
+        self._in_flight.pop(session_id, None)
         self._ending[session_id] = (next_turn, started)
         return session_id, next_turn, started
 
@@ -208,8 +223,8 @@ class Sessions:
                     return session_id
         return None
 
-    def _trim(self, table: OrderedDict[Any, Any], keys_per_entry: int = 1) -> None:
-        while len(table) > self.capacity * keys_per_entry:
+    def _trim(self, table: OrderedDict[Any, Any]) -> None:
+        while len(table) > self.capacity:
             table.popitem(last=False)
 
 
