@@ -21,7 +21,7 @@ import pytest
 from optimizers.embedded import DEFAULT_MODEL_NAME
 from proxy.vllm_server import VllmServer
 from tests.conftest import read_rows
-from tests.test_serve_process import free_port
+from tests.test_serve_process import free_ports
 from tests.vllm_fixtures import VLLM_SETUP_TIMEOUT_S
 
 pytestmark = [
@@ -94,7 +94,7 @@ async def test_two_sidecars_one_learner_one_vllm(
 ) -> None:
     share, vllm = tmp_path / "share", vllm_server.base_url + "/v1"
     common = ("--share", str(share), "--vllm", vllm, "--share-interval", "0.5", "--share-poll", "0.2")
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     roots = [f"http://127.0.0.1:{port}" for port in ports]
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         for name, port in zip("ab", ports, strict=True):
