@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import string
 import subprocess
@@ -27,6 +28,11 @@ from typing import Any
 
 from bench import report as report_cli
 from bench.machine import rss_mb
+from store import database
+from store import rows as store_rows
+from store.migrations import migrate
+from store.spans import Span
+from store.writer import columns_of
 
 SIZES = (122_880, 16_384, 4_096, 2_048)  # DuckDB's default, then smaller
 BATCH = 3_000
@@ -40,14 +46,6 @@ SCANS = {
 
 def grow(db: Path, spans: int, size: int) -> dict[str, Any]:
     """One size's figures (run in a process of its own, so that RSS is its alone)."""
-    import os
-
-    from store import database
-    from store import rows as store_rows
-    from store.migrations import migrate
-    from store.spans import Span
-    from store.writer import columns_of
-
     rng = random.Random(0)
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(2_000)]
 

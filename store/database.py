@@ -19,7 +19,8 @@ import duckdb
 ROW_GROUP_SIZE = 2048
 CATALOG = "store"  # the file's name inside the connection (ATTACH ... AS store)
 
-Config = Mapping[str, str | bool | int | float | list[str]]
+Setting = str | bool | int | float | list[str]  # a value of DuckDB's configuration
+Config = Mapping[str, Setting]
 
 
 def connect(

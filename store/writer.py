@@ -143,7 +143,7 @@ class Writer:
         self.on_commit = on_commit
         # DuckDB's own defaults size it for a database server: 80% of the machine's RAM and a thread per core,
         # threads that then compete with the event loop at its priority. See the README's "Footprint" section.
-        self.duckdb_config: dict[str, str | bool | int | float | list[str]] = {
+        self.duckdb_config: dict[str, database.Setting] = {
             "memory_limit": f"{memory_limit_mb}MiB",
             "threads": threads,
         }
