@@ -5,7 +5,10 @@ through a real proxy in front of the fake upstream as a plain ``--upstream``."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
@@ -51,6 +54,24 @@ def test_lookup_ranks_as_bm25s_does_and_keeps_only_matches() -> None:
     assert index.lookup("zebra giraffe", 2) == []  # no shared term: nothing, rather than a random example
     [(only, score)] = index.lookup("Paris", 2)
     assert only.id == "t0" and score > 0
+
+
+def test_the_sidecar_indexes_and_looks_up_without_loading_numba() -> None:
+    """bm25s imports numba when it can, for a JIT backend the sidecar never uses; numba and llvmlite would be ~106
+    MB of its RSS. In a fresh interpreter (this one may have loaded numba), the whole proxy plus an index built and
+    looked up leave neither loaded, though numba is installed (vLLM needs it)."""
+    assert importlib.util.find_spec("numba") is not None, "vLLM installs numba; without it this test proves nothing"
+    code = """if True:
+        import sys
+        import proxy.app
+        from proxy.memory import Index
+        from store.memory import Trajectory
+        chat = ({"role": "user", "content": "orders shipped to Paris"}, {"role": "assistant", "content": "SELECT 1;"})
+        [(found, _)] = Index([Trajectory("t0", "agent", 1.0, chat)]).lookup("Paris orders", 1)
+        print(found.id, sorted(name for name in ("numba", "llvmlite") if name in sys.modules))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["t0", "[]"], out
 
 
 def test_a_long_conversation_is_looked_up_by_its_rarest_terms() -> None:
