@@ -13,7 +13,6 @@ In a fleet (``--share``), feedback whose target this sidecar has never seen is a
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +22,7 @@ from aiohttp import web
 
 from proxy.errors import InvalidRequest, NotFound, json_response
 from proxy.sessions import Sessions
+from proxy.telemetry import time_ordered_hex
 from store import queries
 from store.feedback import Feedback, SessionEnd
 from store.writer import Writer
@@ -62,7 +62,7 @@ class FeedbackDesk:
             self.writer.unreserve()
             return earlier
         row = Feedback(
-            feedback_id=feedback_id or "fb-" + os.urandom(12).hex(),
+            feedback_id=feedback_id or "fb-" + time_ordered_hex(12),
             span_id=span_id,
             session_id=session_id,
             name=name,

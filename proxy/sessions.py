@@ -48,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from proxy.telemetry import random_hex
+from proxy.telemetry import time_ordered_hex
 
 SESSION_HEADER = "x-lightwire-session"
 MAX_SESSION_ID = 256
@@ -229,7 +229,7 @@ class Sessions:
 
 
 def _new_session() -> str:
-    return "lw-" + random_hex(12)
+    return "lw-" + time_ordered_hex(12)
 
 
 def _prefix_hashes(messages: list[Any]) -> list[bytes]:

@@ -54,6 +54,23 @@ async def test_feedback_by_span_response_and_session(proxy: Proxy) -> None:
     ]
 
 
+async def test_the_session_and_reward_ids_the_proxy_makes_sort_by_when_it_made_them(proxy: Proxy) -> None:
+    """Random ids put each new row anywhere in the store's primary keys, which DuckDB then held whole in memory
+    (tests/test_footprint.py): sessions the proxy starts and rewards posted with no id get ids in time order."""
+    client = openai.AsyncOpenAI(base_url=proxy.url, api_key="k", max_retries=0)
+    made = []
+    for i in range(3):
+        question = [{"role": "user", "content": f"question {i}"}]
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=question)
+        status, answer = await post(proxy, "/feedback", {"span_id": raw.headers["x-lightwire-span-id"], "reward": 1})
+        assert status == 200
+        made.append((answer["session_id"], answer["id"]))
+        await asyncio.sleep(0.002)  # the next millisecond
+    for ids, prefix in zip(zip(*made, strict=True), ("lw-", "fb-"), strict=True):
+        assert list(ids) == sorted(ids) and len(set(ids)) == 3, ids
+        assert all(i.startswith(prefix) and len(i) == 27 for i in ids), ids
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

@@ -8,6 +8,7 @@ import gc
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from proxy import loopwatch
 from proxy.app import ENDS_PER_TURN, WRITER, end_sessions
 from proxy.relay import Call
 from proxy.sessions import Sessions
+from proxy.telemetry import random_hex, time_ordered_hex
 from store import writer as writer_module
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
@@ -79,6 +81,43 @@ async def test_the_writer_trims_duckdb_s_cache_to_its_budget_under_a_high_limit(
     assert before > 30 and after <= 8, (before, after)
     assert limit == ("1.0 GiB",)
     assert writer.memory["base_table"] <= 8 * 2**20 and writer.memory["art_index"] > 0  # what the trim left
+
+
+async def test_ids_made_in_time_order_keep_duckdb_s_index_memory_from_growing_with_the_store(tmp_path: Path) -> None:
+    """DuckDB unloads a primary key's ART tree at a checkpoint and loads back the parts that writes touch. The
+    session and reward ids the proxy makes sort by time, so a batch touches the tree's newest edge whatever the
+    store holds; random ids touch all of it, so DuckDB held the whole tree (~72 bytes a row, growing with the
+    store). Here: 200,000 sessions and rewards of each kind of id, a checkpoint, and one batch through the writer."""
+
+    async def index_mb(make_id: Callable[[int], str]) -> float:
+        writer = Writer(tmp_path / f"{make_id.__name__}.duckdb", kinds=[SessionEnd, Feedback])
+        writer.open()
+        now = datetime.now(UTC)
+        try:
+            with writer.cursor() as con:
+                history = [[make_id(12) for _ in range(200_000)] for _table in range(2)]
+                sessions = "(session_id, ended_at, end_reason) SELECT 'lw-' || unnest(?), now(), 'idle'"
+                con.execute(f"INSERT INTO sessions {sessions}", [history[0]])
+                rewards = (
+                    "(feedback_id, name, value, source, created_at) SELECT 'fb-' || unnest(?), 'r', 1, 'api', now()"
+                )
+                con.execute(f"INSERT INTO feedback {rewards}", [history[1]])
+                con.execute("CHECKPOINT")
+            for _ in range(2_000):
+                session_id = "lw-" + make_id(12)
+                await writer.reserve()
+                writer.submit(SessionEnd(session_id, now, "idle", turns=4, started_at=now))
+                await writer.reserve()
+                writer.submit(Feedback("fb-" + make_id(12), None, session_id, "reward", 1.0, None, "api", now))
+            await writer.flush()
+            with writer.cursor() as con:
+                query = "SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'ART_INDEX'"
+                return int(con.execute(query).fetchone()[0]) / 2**20  # type: ignore[index]
+        finally:
+            await writer.close()
+
+    ordered, scattered = await index_mb(time_ordered_hex), await index_mb(random_hex)
+    assert scattered > 20 and ordered < scattered / 3, (ordered, scattered)  # measured: ~4.5 and 28 MB
 
 
 async def test_healthz_and_metrics_say_what_duckdb_holds(
