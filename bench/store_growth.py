@@ -5,7 +5,8 @@
 A sidecar's growth with traffic is the store's: DuckDB keeps each table's ART indexes resident. For each checkout
 (this one, and each ``--before`` folder: a ``git worktree`` of an earlier commit, put first on ``PYTHONPATH``) a
 process runs that checkout's real ``store.writer.Writer`` over ``--spans`` spans with the soak's ids (a session
-of 4 calls, a random response id and span id each; the same ~200-byte request and response), offered in batches
+of 4 calls, its id made as that checkout's proxy makes one, a random response id and span id each; the same
+~200-byte request and response), offered in batches
 of ``BATCH`` every ``PAUSE_S`` as a loaded sidecar's writer receives them (``RATE`` calls a second of start
 times), and each session's end after its last call. At 10k, 100k, 250k, 500k, 750k and 1M spans it notes the
 process's RSS, DuckDB's index memory (``art_index``) and the CPU spent; at the end, the time of the lookups the
@@ -46,6 +47,7 @@ RESPONSE = json.dumps({"id": "x", "choices": [{"message": {"role": "assistant", 
 
 async def grow(db: Path, spans: int) -> dict[str, Any]:
     """One checkout's figures (run in a process whose ``PYTHONPATH`` starts with that checkout)."""
+    from proxy import telemetry
     from proxy.hooks import read_sessions
     from store import queries
     from store.feedback import SessionEnd
@@ -58,11 +60,12 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
     started = time.process_time()
     epoch = datetime.now(UTC)
     counted = "turns" in SessionEnd.__dataclass_fields__  # the session's row keeps its turns
+    make_id = getattr(telemetry, "time_ordered_hex", None) or (lambda n: os.urandom(n).hex())  # ids in time order
     session, first = "", epoch
     for i in range(spans):
         now = epoch + timedelta(seconds=i / RATE)
         if i % TURNS == 0:
-            session, first = f"sess-{uuid.uuid4().hex[:22]}", now
+            session, first = "lw-" + make_id(12), now
         await writer.reserve()
         span = Span(
             os.urandom(8).hex(), os.urandom(16).hex(), None, session, "chat", "openai", "m", "m",
