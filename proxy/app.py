@@ -476,6 +476,7 @@ def store_health(app: web.Application) -> dict[str, Any]:
         "rows_rejected": writer.rejected,
         "writer_restarts": writer.restarts,
         "writer_catch_ups": writer.catch_ups,
+        "store_reattached": writer.reattached,
         "store_memory_mb": {tag: round(used / 2**20, 1) for tag, used in writer.memory.items()},
     }
 

@@ -21,6 +21,8 @@ worker thread, through the store writer's cursor.
 ``lightwire_store_catch_ups_total``              times the write queue reached 5,000 rows (the nice writer thread fell
                                                  behind) and a writer thread at the loop's priority took over
 ``lightwire_store_unavailable_total``            waits for the store that timed out: requests answered 503
+``lightwire_store_reattached_total``             times the writer detached the store's file and attached it again,
+                                                 freeing what DuckDB had loaded of it (store.writer.REATTACH_ROWS)
 ``lightwire_feedback_total``                     feedback rows by ``source`` (``api``, ``hook:...``)
 ``lightwire_reward_mean``                        mean credited reward by adapter ``version`` (as ``/admin/stats``)
 ``lightwire_rewarded_calls``                     how many calls that mean is over, by ``version``
@@ -176,6 +178,11 @@ class _Scraped(Collector):
                 writer.catch_ups,
             ),
             ("lightwire_store_unavailable", "Waits for the store that timed out (answered 503).", writer.unavailable),
+            (
+                "lightwire_store_reattached",
+                "Times the writer attached the store's file again, freeing what DuckDB had loaded of it.",
+                writer.reattached,
+            ),
         )
         for name, documentation, value in store_counts:
             yield CounterMetricFamily(name, documentation, value)

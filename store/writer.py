@@ -85,6 +85,11 @@ RETRY_MAX = 2.0
 RESTART_DELAY = 0.5
 # Seconds between two trims of DuckDB's cache (:meth:`Writer._trim`).
 TRIM_INTERVAL = 10.0
+# Rows written between two re-attachments of the file (:meth:`Writer._trim`), which free what DuckDB loaded of it:
+# every row group's metadata stays in memory while the file is attached, ~40 bytes a span at 2,048-row groups
+# (store.database), so a sidecar grew ~6 MB a minute at 1,000 calls a second. At this count it holds at most
+# ~10 MB of it; a re-attachment takes a checkpoint and ~55 ms (600k spans), once every few minutes under load.
+REATTACH_ROWS = 250_000
 
 
 class StoreUnavailable(Exception):
@@ -151,6 +156,9 @@ class Writer:
         self._readers = 0  # cursors in use (a trim waits for none)
         self._readers_lock = threading.Lock()
         self._trimmed = time.monotonic()
+        self._attached_at = 0  # self.written when the file was last attached
+        self._attached = True  # False after a re-attachment failed half-way: the next write attaches the file
+        self.reattached = 0  # re-attachments of the file (Prometheus counter in proxy.metrics)
         self.memory: dict[str, int] = {}  # bytes DuckDB holds by tag (duckdb_memory()), as of the last trim
         # Counts since the writer opened (Prometheus counters in proxy.metrics).
         self.written = 0
@@ -354,6 +362,9 @@ class Writer:
 
     def _step(self, con: duckdb.DuckDBPyConnection) -> bool:
         """Gather, write, answer flushes, trim; False once the writer has stopped."""
+        if not self._attached:  # a re-attachment failed half-way; failing again, the thread's restart retries it
+            database.attach(con, self.path)
+            self._attached = True
         if not self._batch and not self._flushes and not self._stopping:
             self._gather()
         if self._batch:
@@ -441,17 +452,22 @@ class Writer:
             self.rejected += len(refused)
 
     def _trim(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Give DuckDB's cache back, down to ``cache_mb`` beyond its indexes.
+        """Give DuckDB's cache back, down to ``cache_mb`` beyond its indexes; after ``REATTACH_ROWS`` rows, all
+        that it loaded of the file, by attaching it again.
 
         Under its memory limit DuckDB keeps every table block it wrote or read, and its allocator keeps what it
         freed: with a 2 GiB limit a sidecar grew by ~300 bytes a call (980 MB after 1.8M calls, ``bench/soak.py``).
         The limit cannot simply be low: a table's indexes (ART, ~100 bytes a call) must fit under it whole, or a
         checkpoint fails fatally. So the limit stays the ceiling, and every ``TRIM_INTERVAL`` seconds it is
         lowered to the indexes plus ``cache_mb`` (DuckDB evicts down to it and hands the memory back) and raised
-        again. No cursor is in use meanwhile: a query would find its memory limit low."""
+        again. No cursor is in use meanwhile: a query would find its memory limit low, or the file detached."""
         self._trimmed = time.monotonic()
+        if not self._attached:  # the next write attaches it
+            return
         with self._readers_lock:
-            if not self._readers:
+            if not self._readers and self.written - self._attached_at >= REATTACH_ROWS:
+                self._reattach(con)
+            elif not self._readers:
                 indexes = _memory(con).get("art_index", 0)
                 try:
                     con.execute(f"SET memory_limit = '{(indexes >> 20) + self.cache_mb}MiB'")
@@ -460,6 +476,26 @@ class Writer:
                 finally:
                     con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
         self.memory = _memory(con)
+
+    def _reattach(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Detach the file and attach it again (``store.database``). Failing to detach leaves it attached;
+        failing to attach leaves it to the thread's next step, retried as the thread restarts (``/healthz`` says
+        why meanwhile)."""
+        self._attached_at = self.written
+        try:
+            database.detach(con)
+        except duckdb.Error as exc:
+            log.warning("store re-attachment: the file stays attached (%s)", exc)
+            con.execute(f"USE {database.CATALOG}")
+            return
+        self._attached = False
+        try:
+            database.attach(con, self.path)
+        except duckdb.Error as exc:
+            log.error("store re-attachment failed (%s); trying again", exc)
+            return
+        self._attached = True
+        self.reattached += 1
 
     def _give_up(self, batch: list[Record]) -> None:
         """Closing, and the store still fails after the close's timeout: say what is lost."""

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from store import database, idkeys, migrations, queries
+from store import writer as writer_module
 from store.feedback import Feedback, SessionEnd
 from store.spans import Span
 from store.writer import CATCH_UP_FROM, Writer
@@ -177,6 +178,51 @@ async def test_an_exception_escaping_the_writer_thread_restarts_it_and_loses_not
     assert writer.restarts == 1 and seen == [1, 1, 1, 1]
     [row] = read_rows(tmp_path / "store.duckdb", "SELECT count(*) AS n FROM feedback")
     assert row["n"] == 4
+
+
+async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB frees what it loaded of a file (row group metadata, index pages) only when it is detached: every
+    REATTACH_ROWS rows the writer attaches it again, while rows keep coming and readers keep reading. An attach
+    that fails is tried again before the writer's next step."""
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(writer_module, "REATTACH_ROWS", 1_000)
+    attach, failures = database.attach, []
+
+    def attach_or_fail(con: duckdb.DuckDBPyConnection, path: Path, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        attach(con, path, **kwargs)
+
+    monkeypatch.setattr(database, "attach", attach_or_fail)
+    writer = Writer(tmp_path / "store.duckdb", kinds=[Feedback], wait_timeout=30)
+    writer.open()
+
+    async def write(first: int, rows: int, *, read: bool) -> list[Any]:
+        counts = []
+        for n in range(first, first + rows):
+            await writer.reserve()
+            writer.submit(feedback(n))
+            if n % 500 == 499:
+                await writer.flush()
+                if read:
+                    counts.append(
+                        await writer.read(lambda con: con.execute("SELECT count(*) FROM feedback").fetchone())
+                    )
+        return counts
+
+    try:
+        assert await write(0, 3_000, read=True) == [(n,) for n in range(500, 3_001, 500)]
+        reattached = writer.reattached
+        failures.append(duckdb.IOException("the disk went away"))  # the next attach: half-way through a re-attach
+        await write(3_000, 3_000, read=False)
+    finally:
+        await writer.close()
+    assert reattached >= 2 and not failures and writer.reattached > reattached and writer.failures == 0
+    assert writer.restarts == 0  # the attach failed in the re-attachment, and the next step's attach worked
+    [row] = read_rows(tmp_path / "store.duckdb", "SELECT count(DISTINCT feedback_id) AS n FROM feedback")
+    assert row["n"] == 6_000
 
 
 async def test_a_row_is_committed_within_the_flush_interval_even_when_writes_are_slow(tmp_path: Path) -> None:
