@@ -102,7 +102,7 @@ class Config:
     )
     db_memory_limit_mb: int = setting(
         2048,
-        "Most MiB DuckDB may use (its own default: 80% of RAM); its indexes (~75 B per session and reward) must fit.",
+        "Most MiB DuckDB may use (its default: 80% of RAM); the indexes it loads (~75 B a client-chosen id) must fit.",
     )
     db_cache_mb: int = setting(
         32, "MiB of table blocks DuckDB keeps cached beyond its indexes (trimmed to it every 10 s)."
