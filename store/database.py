@@ -11,7 +11,7 @@ small groups back at its next checkpoint), so every connection that writes the f
 DuckDB keeps what it has loaded of an attached file until it is detached: each row group's metadata (~80 KB at
 any size, so ~40 bytes a span at 2,048 rows), and the parts of the ART indexes that writes touched. A sidecar's
 memory would grow with its store, so the writer detaches the file and attaches it again now and then
-(:func:`reattach`; ``store.writer.REATTACH_ROWS``), which loads back only what is used next.
+(:func:`detach`, :func:`attach`; ``store.writer.REATTACH_ROWS``), which loads back only what is used next.
 """
 
 from __future__ import annotations

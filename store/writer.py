@@ -157,7 +157,7 @@ class Writer:
         self._readers_lock = threading.Lock()
         self._trimmed = time.monotonic()
         self._attached_at = 0  # self.written when the file was last attached
-        self._attached = True  # False after a re-attachment failed half-way: the next write attaches the file
+        self._attached = True  # False after a re-attachment failed half-way: the thread's next step attaches it
         self.reattached = 0  # re-attachments of the file (Prometheus counter in proxy.metrics)
         self.memory: dict[str, int] = {}  # bytes DuckDB holds by tag (duckdb_memory()), as of the last trim
         # Counts since the writer opened (Prometheus counters in proxy.metrics).
@@ -462,20 +462,24 @@ class Writer:
         lowered to the indexes plus ``cache_mb`` (DuckDB evicts down to it and hands the memory back) and raised
         again. No cursor is in use meanwhile: a query would find its memory limit low, or the file detached."""
         self._trimmed = time.monotonic()
-        if not self._attached:  # the next write attaches it
+        if not self._attached:  # the thread's next step attaches it
             return
         with self._readers_lock:
             if not self._readers and self.written - self._attached_at >= REATTACH_ROWS:
                 self._reattach(con)
             elif not self._readers:
-                indexes = _memory(con).get("art_index", 0)
-                try:
-                    con.execute(f"SET memory_limit = '{(indexes >> 20) + self.cache_mb}MiB'")
-                except duckdb.Error as exc:  # it could not evict that far now (blocks in use): the next trim will
-                    log.debug("store cache trim: %s", exc)
-                finally:
-                    con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
+                self._evict(con)
         self.memory = _memory(con)
+
+    def _evict(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Lower DuckDB's limit to its indexes plus ``cache_mb`` (it evicts down to it), then raise it again."""
+        indexes = _memory(con).get("art_index", 0)
+        try:
+            con.execute(f"SET memory_limit = '{(indexes >> 20) + self.cache_mb}MiB'")
+        except duckdb.Error as exc:  # it could not evict that far now (blocks in use): the next trim will
+            log.debug("store cache trim: %s", exc)
+        finally:
+            con.execute(f"SET memory_limit = '{self.duckdb_config['memory_limit']}'")
 
     def _reattach(self, con: duckdb.DuckDBPyConnection) -> None:
         """Detach the file and attach it again (``store.database``). Failing to detach leaves it attached;
@@ -492,6 +496,7 @@ class Writer:
         try:
             database.attach(con, self.path)
         except duckdb.Error as exc:
+            self.problem = f"the store's file could not be attached again ({exc})"  # /healthz: 503 until it is
             log.error("store re-attachment failed (%s); trying again", exc)
             return
         self._attached = True
