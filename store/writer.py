@@ -23,7 +23,8 @@ Durability policy, in full:
   by itself once the store works again; meanwhile :attr:`Writer.problem` says why (``/healthz`` and ``/readyz``
   answer 503 with it), accepted rows wait in memory, and new calls wait for a place, then get 503.
 * **Supervised.** An exception that escapes the thread's loop is logged, shown in :attr:`Writer.problem`, and
-  the loop starts again (:attr:`Writer.restarts` counts it) with the rows it held.
+  the loop starts again (:attr:`Writer.restarts` counts it) with the rows it held, after ``RESTART_DELAY``;
+  failing again before a step is done (a file that cannot be attached) doubles the wait, up to ``RESTART_MAX``.
 * **Shutdown.** :meth:`Writer.close` enqueues a sentinel; the thread commits what precedes it and closes the
   file. A store still failing when the close times out (a disk still full) loses the rows it holds; the log
   says how many.
@@ -81,8 +82,10 @@ CATCH_UP_FROM = 5_000
 # Seconds before trying a failed write again, doubled after each failure up to RETRY_MAX.
 RETRY_FIRST = 0.05
 RETRY_MAX = 2.0
-# Seconds before the thread's loop starts again after an exception escaped it.
+# Seconds before the thread's loop starts again after an exception escaped it, doubled for each failure that
+# follows the last with no step done in between (a file that cannot be attached), up to RESTART_MAX.
 RESTART_DELAY = 0.5
+RESTART_MAX = 30.0
 # Seconds between two trims of DuckDB's cache (:meth:`Writer._trim`).
 TRIM_INTERVAL = 10.0
 # Rows written between two re-attachments of the file (:meth:`Writer._trim`), which free what DuckDB loaded of it:
@@ -165,6 +168,7 @@ class Writer:
         self.rejected = 0  # rows the store refused
         self.failures = 0  # attempts to write a batch that failed (it is tried again)
         self.restarts = 0  # of the thread's loop, after an exception escaped it
+        self._steps = 0  # steps the threads completed: a restart with none since the last waits longer
         self.unavailable = 0  # waits for a place, or for a flush, that timed out: StoreUnavailable (503)
         self.problem: str | None = None  # why the store cannot write now; None while it works
         self._kinds = {kind.table: kind for kind in kinds}
@@ -331,15 +335,27 @@ class Writer:
             os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICENESS))
         assert self._con is not None
         con = database.cursor(self._con)
+        in_a_row = 0
         while True:
+            steps = self._steps
             try:
                 self._serve(con, catch_up)
                 break
             except BaseException as exc:  # nothing may end the thread that every accepted call waits on
                 self.restarts += 1
                 self.problem = f"the writer thread failed ({exc!r}) and was restarted"
-                log.exception("store writer thread failed; restarting it with %d rows in hand", len(self._batch))
-                time.sleep(RESTART_DELAY)
+                in_a_row = in_a_row + 1 if self._steps == steps else 1
+                delay = min(RESTART_DELAY * 2 ** (in_a_row - 1), RESTART_MAX)
+                if in_a_row == 1:
+                    log.exception("store writer thread failed; restarting it with %d rows in hand", len(self._batch))
+                else:
+                    log.error(
+                        "store writer thread failed again (%r), %d times in a row; next try in %.1f s",
+                        exc,
+                        in_a_row,
+                        delay,
+                    )
+                time.sleep(delay)
         con.close()
 
     def _serve(self, con: duckdb.DuckDBPyConnection, catch_up: bool) -> None:
@@ -375,6 +391,7 @@ class Writer:
             self._answer(self._flushes.pop())
         if time.monotonic() - self._trimmed >= TRIM_INTERVAL:
             self._trim(con)
+        self._steps += 1
         return not (self._stopping and not self._batch)
 
     def _gather(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 import threading
 import time
@@ -180,14 +181,8 @@ async def test_an_exception_escaping_the_writer_thread_restarts_it_and_loses_not
     assert row["n"] == 4
 
 
-async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DuckDB frees what it loaded of a file (row group metadata, index pages) only when it is detached: every
-    REATTACH_ROWS rows the writer attaches it again, while rows keep coming and readers keep reading. An attach
-    that fails is tried again before the writer's next step."""
-    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
-    monkeypatch.setattr(writer_module, "REATTACH_ROWS", 1_000)
+def failing_attach(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    """Make ``database.attach`` raise each exception put in the returned list, once, before it attaches."""
     attach, failures = database.attach, []
 
     def attach_or_fail(con: duckdb.DuckDBPyConnection, path: Path, **kwargs: Any) -> None:
@@ -196,6 +191,18 @@ async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_n
         attach(con, path, **kwargs)
 
     monkeypatch.setattr(database, "attach", attach_or_fail)
+    return failures
+
+
+async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB frees what it loaded of a file (row group metadata, index pages) only when it is detached: every
+    REATTACH_ROWS rows the writer attaches it again, while rows keep coming and readers keep reading. An attach
+    that fails is tried again before the writer's next step."""
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(writer_module, "REATTACH_ROWS", 1_000)
+    failures = failing_attach(monkeypatch)
     writer = Writer(tmp_path / "store.duckdb", kinds=[Feedback], wait_timeout=30)
     writer.open()
 
@@ -223,6 +230,34 @@ async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_n
     assert writer.restarts == 0  # the attach failed in the re-attachment, and the next step's attach worked
     [row] = read_rows(tmp_path / "store.duckdb", "SELECT count(DISTINCT feedback_id) AS n FROM feedback")
     assert row["n"] == 6_000
+
+
+async def test_a_writer_that_fails_again_and_again_waits_longer_before_each_restart_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that cannot be attached again makes every restart fail at once: each waits twice as long as the
+    last (not a restart and a logged traceback every RESTART_DELAY), and once the file attaches nothing is lost."""
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(writer_module, "REATTACH_ROWS", 100)
+    monkeypatch.setattr(writer_module, "RESTART_DELAY", 0.05)
+    failures = failing_attach(monkeypatch)
+    writer = Writer(tmp_path / "store.duckdb", kinds=[Feedback], wait_timeout=30)
+    writer.open()
+    failures += [duckdb.IOException("the disk went away")] * 4  # the re-attachment's attach, then three restarts
+    try:
+        with caplog.at_level(logging.ERROR, logger="store.writer"):
+            for n in range(300):
+                await writer.reserve()
+                writer.submit(feedback(n))
+                if n % 100 == 99:
+                    await writer.flush()
+    finally:
+        await writer.close()
+    assert not failures and writer.restarts == 3
+    waits = [record.args[-1] for record in caplog.records if "times in a row" in record.getMessage()]
+    assert waits == [0.1, 0.2]  # the first restart waited RESTART_DELAY, with the traceback logged once
+    [row] = read_rows(tmp_path / "store.duckdb", "SELECT count(DISTINCT feedback_id) AS n FROM feedback")
+    assert row["n"] == 300
 
 
 async def test_a_row_is_committed_within_the_flush_interval_even_when_writes_are_slow(tmp_path: Path) -> None:
