@@ -187,7 +187,7 @@ async def open_sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     "interrupted"); at shutdown, once calls in flight are done, end the sessions still open ("shutdown"). Both
     while the session hooks run: they score them (at shutdown, within their drain time)."""
     writer = app[WRITER]
-    interrupted = await writer.read(queries.interrupted_sessions)
+    interrupted = await writer.read(queries.interrupted_sessions, lean=True)  # every span: not kept in the cache
     if interrupted:
         ended = [(session_id, turns, first) for session_id, turns, first, _ in interrupted]
         await end_sessions(writer, ended, "interrupted", forever=True)

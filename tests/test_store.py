@@ -200,7 +200,7 @@ async def test_the_writer_attaches_the_file_again_every_so_many_rows_and_loses_n
     """DuckDB frees what it loaded of a file (row group metadata, index pages) only when it is detached: every
     REATTACH_ROWS rows the writer attaches it again, while rows keep coming and readers keep reading. An attach
     that fails is tried again before the writer's next step."""
-    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.01)
     monkeypatch.setattr(writer_module, "REATTACH_ROWS", 1_000)
     failures = failing_attach(monkeypatch)
     writer = Writer(tmp_path / "store.duckdb", kinds=[Feedback], wait_timeout=30)
@@ -237,7 +237,7 @@ async def test_a_writer_that_fails_again_and_again_waits_longer_before_each_rest
 ) -> None:
     """A file that cannot be attached again makes every restart fail at once: each waits twice as long as the
     last (not a restart and a logged traceback every RESTART_DELAY), and once the file attaches nothing is lost."""
-    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.0)
+    monkeypatch.setattr(writer_module, "TRIM_INTERVAL", 0.01)
     monkeypatch.setattr(writer_module, "REATTACH_ROWS", 100)
     monkeypatch.setattr(writer_module, "RESTART_DELAY", 0.05)
     failures = failing_attach(monkeypatch)
