@@ -11,9 +11,10 @@ of ``BATCH`` every ``PAUSE_S`` as a loaded sidecar's writer receives them (``RAT
 times), and each session's end after its last call. At 10k, 100k, 250k, 500k, 750k and 1M spans it notes the
 process's RSS, DuckDB's index memory (``art_index``) and the CPU spent; at the end, the time of the lookups the
 proxy and hooks make of calls its session index no longer holds: a call by response id and by span id, a
-session's turn count, a session's spans as hooks read them (a session a third of the way in, and the newest);
-and the scan for sessions a killed proxy left open, made once at start. A checkout whose store predates a
-lookup's function is measured with the one it had.
+session's turn count, a session's spans as hooks read them (a session a third of the way in, and the newest).
+Then a second process opens the store as a sidecar starting on it would, and makes the scan for sessions a killed
+proxy left open (as that checkout makes it): its time, and RSS opened, at the peak, and idle after a trim. A
+checkout whose store predates a lookup's function is measured with the one it had.
 """
 
 from __future__ import annotations
@@ -112,20 +113,48 @@ async def grow(db: Path, spans: int) -> dict[str, Any]:
             for _ in range(LOOKUP_REPEATS):
                 lookup()
             lookups[name] = round((time.perf_counter() - t) / LOOKUP_REPEATS * 1000, 2)
-        if hasattr(queries, "interrupted_sessions"):  # made once at start: every span is read
-            t = time.perf_counter()
-            queries.interrupted_sessions(con)
-            lookups["interrupted_sessions_at_start"] = round((time.perf_counter() - t) * 1000, 2)
     await writer.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"marks": marks, "lookup_ms": lookups, "peak_rss_mb": round(peak, 1)}
+    return {"marks": marks, "lookup_ms": lookups, "peak_rss_mb": peak_rss_mb()}
+
+
+async def start(db: Path) -> dict[str, Any]:
+    """A sidecar's start on the store ``grow`` left: the scan for sessions a crash left open, as the checkout's
+    proxy makes it, in a fresh process; its time, and RSS before, at the peak, and after the trim that follows."""
+    import inspect
+
+    from store import queries, writer
+    from store.feedback import Feedback, SessionEnd
+    from store.spans import Span
+
+    store = writer.Writer(db, kinds=[Span, Feedback, SessionEnd])
+    store.open()
+    opened = rss_mb(os.getpid())
+    lean = {"lean": True} if "lean" in inspect.signature(store.read).parameters else {}
+    t = time.perf_counter()
+    await store.read(queries.interrupted_sessions, **lean)
+    scan_ms = (time.perf_counter() - t) * 1000
+    scanned = rss_mb(os.getpid())
+    await asyncio.sleep(writer.TRIM_INTERVAL + 1)  # no call comes
+    idle = rss_mb(os.getpid())
+    await store.close()
+    return {
+        "scan_ms": round(scan_ms, 1),
+        "rss_mb": {"opened": opened, "scanned": scanned, "peak": peak_rss_mb(), "idle_after_a_trim": idle},
+    }
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_checkout(checkout: Path, db: Path, spans: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    command = [sys.executable, __file__, "--worker", str(db), "--spans", str(spans)]
-    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return dict(json.loads(out))
+
+    def worker(*args: str) -> dict[str, Any]:
+        command = [sys.executable, __file__, *args, str(db), "--spans", str(spans)]
+        return dict(json.loads(subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout))
+
+    return {**worker("--worker"), "start": worker("--start")}
 
 
 def main() -> None:
@@ -134,9 +163,10 @@ def main() -> None:
     parser.add_argument("--before", type=Path, action="append", default=[], help="an earlier checkout (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # the DuckDB file of one checkout's run
+    parser.add_argument("--start", type=Path, help=argparse.SUPPRESS)  # the same file, opened again
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(asyncio.run(grow(args.worker, args.spans))))
+    if args.worker or args.start:
+        print(json.dumps(asyncio.run(grow(args.worker, args.spans) if args.worker else start(args.start))))
         return
     here = Path(__file__).resolve().parent.parent
     checkouts = {**{f"before-{i}": path.resolve() for i, path in enumerate(args.before)}, "this": here}
@@ -145,7 +175,9 @@ def main() -> None:
     report = {"settings": {"spans": args.spans, "checkouts": {n: str(p) for n, p in checkouts.items()}}, "runs": runs}
     line = "; ".join(
         f"{name}: RSS {r['marks'][0]['rss_mb']} -> {r['marks'][-1]['rss_mb']} MB, "
-        f"indexes {r['marks'][-1]['index_mb']} MB, " + ", ".join(f"{k} {v} ms" for k, v in r["lookup_ms"].items())
+        f"indexes {r['marks'][-1]['index_mb']} MB, "
+        + ", ".join(f"{k} {v} ms" for k, v in r["lookup_ms"].items())
+        + f", start: scan {r['start']['scan_ms']} ms, RSS {r['start']['rss_mb']}"
         for name, r in runs.items()
     )
     report_cli.emit(report, args.out, line)
