@@ -315,9 +315,9 @@ class Writer:
         ``lean`` is for a scan of much of the store (the sessions a crash left open, read at start): it runs
         under the trim's limit (:meth:`_lowered`), so that DuckDB evicts the blocks it reads as it goes instead
         of caching them up to ``memory_limit``; other reads and trims wait meanwhile, and writes that find the
-        limit too low are retried. A query that does not fit under it runs again at the full limit. The start-up
-        scan of 1M spans took RSS from 167 to 376 MB (203 after the next trim); lean, 208 at its peak and 171
-        after, in 0.46 s instead of 0.29 (``bench.store_growth``)."""
+        limit too low are retried. A query that does not fit under it runs again at the full limit. A sidecar
+        starting on 1M spans went from 168 to 377 MB RSS with the scan; lean, 208 at its peak and 172 after, in
+        the same ~0.35 s (``bench.store_growth``)."""
 
         def run() -> T:
             with self.cursor() as con:
